@@ -1,0 +1,645 @@
+use std::time::{Duration, Instant};
+
+use super::machine::*;
+use crate::config::Scope;
+use crate::drain::eviction::EvictionOutcome;
+use crate::drain::model::fixtures::*;
+use crate::drain::model::{ObjKey, PodInfo, VmiInfo};
+
+const NODE: &str = "node-1";
+
+struct Bed {
+    m: Machine,
+    t0: Instant,
+}
+
+impl Bed {
+    /// Lock held with `InhibitDelayMaxUSec = 30 s` and a 5 s margin: a 25 s budget.
+    fn new(scope: Scope) -> Self {
+        let mut m = Machine::new(MachineConfig {
+            node: NODE.into(),
+            scope,
+            safety_margin: Duration::from_secs(5),
+            deadline_override: None,
+        });
+        let t0 = Instant::now();
+        m.handle(
+            t0,
+            Input::LockTaken {
+                delay_max: Duration::from_secs(30),
+            },
+        );
+        Bed { m, t0 }
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.t0 + Duration::from_millis(ms)
+    }
+
+    fn feed(&mut self, ms: u64, i: Input) -> Vec<Effect> {
+        let now = self.at(ms);
+        self.m.handle(now, i)
+    }
+
+    fn list(&mut self, vmis: &[VmiInfo], pods: &[PodInfo]) {
+        self.feed(0, Input::Vmis(WatchUpdate::Reset));
+        for v in vmis {
+            self.feed(0, Input::Vmis(WatchUpdate::Listed(v.clone())));
+        }
+        self.feed(0, Input::Vmis(WatchUpdate::Synced));
+        self.feed(0, Input::Pods(WatchUpdate::Reset));
+        for p in pods {
+            self.feed(0, Input::Pods(WatchUpdate::Listed(p.clone())));
+        }
+        self.feed(0, Input::Pods(WatchUpdate::Synced));
+    }
+
+    /// Shutdown signal and our own cordon: returns the evictions sent.
+    fn start(&mut self, ms: u64) -> Vec<Effect> {
+        let fx = self.feed(
+            ms,
+            Input::Shutdown {
+                start: true,
+                kind: Some("poweroff".into()),
+            },
+        );
+        assert_eq!(fx, vec![Effect::Cordon]);
+        self.feed(ms, Input::Cordoned(CordonResult::CordonedByUs))
+    }
+}
+
+fn evicts(fx: &[Effect]) -> Vec<String> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Evict(p) => Some(p.key.name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn released(fx: &[Effect]) -> Option<(ReleaseReason, Vec<ObjKey>)> {
+    fx.iter().find_map(|e| match e {
+        Effect::ReleaseLock { reason, remaining } => Some((*reason, remaining.clone())),
+        _ => None,
+    })
+}
+
+fn stops(fx: &[Effect]) -> Vec<(String, u32, StopReason)> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Stop {
+                vmi,
+                grace_seconds,
+                why,
+                ..
+            } => Some((vmi.name.clone(), *grace_seconds, *why)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn all_launchers_evicted_at_once_after_cordon() {
+    let mut b = Bed::new(Scope::Vms);
+    let (a, c) = (vmi("a", NODE), vmi("c", NODE));
+    b.list(
+        &[a.clone(), c.clone()],
+        &[launcher(&a, NODE), launcher(&c, NODE)],
+    );
+    let fx = b.start(10);
+    assert_eq!(
+        evicts(&fx),
+        vec!["virt-launcher-a-abcde", "virt-launcher-c-abcde"]
+    );
+    assert!(released(&fx).is_none());
+}
+
+#[test]
+fn evacuation_429_is_progress_not_retried() {
+    let mut b = Bed::new(Scope::Vms);
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    b.start(0);
+    let fx = b.feed(
+        5,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::Evacuating,
+        },
+    );
+    assert!(fx.is_empty(), "{fx:?}");
+    assert_eq!(
+        b.m.eviction_states().get(&pa.uid).copied(),
+        Some("evacuating")
+    );
+    // Nothing is due before the VMI's stop-by point (budget 25 s, grace 60 s → half: 12.5 s).
+    assert_eq!(b.m.next_wakeup(), Some(b.at(12_500)));
+    assert!(evicts(&b.feed(5_000, Input::Tick)).is_empty());
+}
+
+#[test]
+fn other_429_and_5xx_retried_with_capped_backoff() {
+    let mut b = Bed::new(Scope::Vms);
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    b.start(0);
+    let mut now = 0;
+    let mut waits = Vec::new();
+    for _ in 0..7 {
+        b.feed(
+            now,
+            Input::Evicted {
+                pod: pa.pod_ref(),
+                outcome: EvictionOutcome::Retry("503: unavailable".into()),
+            },
+        );
+        let next = b.m.next_wakeup().unwrap();
+        let wait = next.duration_since(b.at(now)).as_millis() as u64;
+        waits.push(wait);
+        assert!(evicts(&b.feed(now + wait - 1, Input::Tick)).is_empty());
+        now += wait;
+        assert_eq!(
+            evicts(&b.feed(now, Input::Tick)),
+            vec!["virt-launcher-a-abcde"]
+        );
+    }
+    assert_eq!(waits, vec![100, 200, 400, 800, 1600, 2000, 2000]);
+}
+
+#[test]
+fn eviction_404_means_done() {
+    let mut b = Bed::new(Scope::Vms);
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    b.start(0);
+    let fx = b.feed(
+        3,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::Gone,
+        },
+    );
+    assert!(fx.is_empty());
+    assert_eq!(b.m.eviction_states().get(&pa.uid).copied(), Some("gone"));
+    // The VMI's end comes from its watch.
+    let mut stopped = a.clone();
+    stopped.phase = Some("Failed".into());
+    let fx = b.feed(4, Input::Vmis(WatchUpdate::Applied(stopped)));
+    assert_eq!(released(&fx), Some((ReleaseReason::Empty, vec![])));
+}
+
+#[test]
+fn lock_released_exactly_when_the_last_vmi_leaves() {
+    let mut b = Bed::new(Scope::Vms);
+    let vs: Vec<VmiInfo> = ["a", "b", "c"].iter().map(|n| vmi(n, NODE)).collect();
+    let ps: Vec<PodInfo> = vs.iter().map(|v| launcher(v, NODE)).collect();
+    b.list(&vs, &ps);
+    b.start(0);
+    for p in &ps {
+        b.feed(
+            1,
+            Input::Evicted {
+                pod: p.pod_ref(),
+                outcome: EvictionOutcome::Evacuating,
+            },
+        );
+    }
+    // a migrates: status shows the completed migration first, then the label moves and the
+    // label-selected watch reports it deleted.
+    let fx = b.feed(
+        100,
+        Input::Vmis(WatchUpdate::Applied(migrated(vs[0].clone(), "node-2"))),
+    );
+    assert!(released(&fx).is_none());
+    b.feed(101, Input::Vmis(WatchUpdate::Deleted(vs[0].clone())));
+    // b is deleted outright.
+    let fx = b.feed(200, Input::Vmis(WatchUpdate::Deleted(vs[1].clone())));
+    assert!(released(&fx).is_none());
+    assert!(matches!(b.m.phase(), Phase::Draining(_)));
+    // c: its source pod finishing is not enough…
+    let mut done_pod = ps[2].clone();
+    done_pod.phase = Some("Succeeded".into());
+    assert!(released(&b.feed(300, Input::Pods(WatchUpdate::Applied(done_pod)))).is_none());
+    // …the VMI leaving the node is.
+    let mut moved = vs[2].clone();
+    moved.node_name = Some("node-2".into());
+    let fx = b.feed(301, Input::Vmis(WatchUpdate::Applied(moved)));
+    assert_eq!(released(&fx), Some((ReleaseReason::Empty, vec![])));
+    assert!(!b.m.lock_held());
+    assert!(
+        matches!(b.m.phase(), Phase::Released { reason: ReleaseReason::Empty, at, .. } if *at == b.at(301))
+    );
+    // Nothing further once released.
+    assert!(b.feed(400, Input::Tick).is_empty());
+    assert_eq!(b.m.next_wakeup(), None);
+}
+
+#[test]
+fn empty_node_released_once_cordoned_and_not_before_watches_synced() {
+    let mut b = Bed::new(Scope::Vms);
+    let fx = b.feed(
+        0,
+        Input::Shutdown {
+            start: true,
+            kind: None,
+        },
+    );
+    assert_eq!(fx, vec![Effect::Cordon]);
+    // Cordon settled but the VMI watch has not listed yet: the node is not known to be empty.
+    let fx = b.feed(1, Input::Cordoned(CordonResult::CordonedByUs));
+    assert!(released(&fx).is_none());
+    b.feed(2, Input::Vmis(WatchUpdate::Reset));
+    let fx = b.feed(3, Input::Vmis(WatchUpdate::Synced));
+    assert_eq!(released(&fx), Some((ReleaseReason::Empty, vec![])));
+}
+
+#[test]
+fn relist_does_not_empty_the_node_early() {
+    let mut b = Bed::new(Scope::Vms);
+    let a = vmi("a", NODE);
+    b.list(std::slice::from_ref(&a), &[launcher(&a, NODE)]);
+    b.start(0);
+    // A re-list in progress: nothing listed yet must not look like an empty node.
+    assert!(released(&b.feed(10, Input::Vmis(WatchUpdate::Reset))).is_none());
+    assert!(released(&b.feed(11, Input::Vmis(WatchUpdate::Listed(a.clone())))).is_none());
+    assert!(released(&b.feed(12, Input::Vmis(WatchUpdate::Synced))).is_none());
+    assert_eq!(b.m.remaining_vmis(), vec![a.key.clone()]);
+}
+
+#[test]
+fn stuck_vmi_stopped_at_its_stop_by_point() {
+    let mut b = Bed::new(Scope::Vms);
+    let a = vmi("a", NODE);
+    let mut pa = launcher(&a, NODE);
+    pa.grace_seconds = 10;
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    b.start(0);
+    b.feed(
+        5,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::Evacuating,
+        },
+    );
+    // The migration keeps failing; KubeVirt retries it, we wait.
+    let mut failing = a.clone();
+    failing.migration = Some(crate::drain::model::MigrationState {
+        source_node: Some(NODE.into()),
+        target_node: Some("node-2".into()),
+        target_pod: None,
+        completed: false,
+        failed: true,
+    });
+    assert!(
+        b.feed(3_000, Input::Vmis(WatchUpdate::Applied(failing)))
+            .is_empty()
+    );
+    // Deadline 25 s, grace 10 s: stop-by at 15 s.
+    assert_eq!(b.m.next_wakeup(), Some(b.at(15_000)));
+    assert!(stops(&b.feed(14_999, Input::Tick)).is_empty());
+    let fx = b.feed(15_000, Input::Tick);
+    assert_eq!(stops(&fx), vec![("a".into(), 10, StopReason::StopBy)]);
+    // Not sent twice while in flight or once done.
+    assert!(stops(&b.feed(15_001, Input::Tick)).is_empty());
+    b.feed(
+        15_010,
+        Input::Stopped {
+            vmi_uid: a.uid.clone(),
+            result: Ok(()),
+        },
+    );
+    assert!(stops(&b.feed(16_000, Input::Tick)).is_empty());
+    let mut gone = a.clone();
+    gone.phase = Some("Succeeded".into());
+    let fx = b.feed(20_000, Input::Vmis(WatchUpdate::Applied(gone)));
+    assert_eq!(released(&fx), Some((ReleaseReason::Empty, vec![])));
+}
+
+#[test]
+fn long_grace_is_shortened_to_fit_and_never_before_half_the_budget() {
+    let mut b = Bed::new(Scope::Vms);
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE); // 60 s grace > 25 s budget
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    b.start(0);
+    assert!(stops(&b.feed(12_499, Input::Tick)).is_empty());
+    let fx = b.feed(12_500, Input::Tick);
+    assert_eq!(stops(&fx), vec![("a".into(), 12, StopReason::StopBy)]);
+}
+
+#[test]
+fn not_migratable_vmi_stopped_at_once_and_failed_stop_retried() {
+    let mut b = Bed::new(Scope::Vms);
+    let a = vmi("a", NODE);
+    let mut pa = launcher(&a, NODE);
+    pa.grace_seconds = 10;
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    b.start(0);
+    let fx = b.feed(
+        5,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::NotMigratable,
+        },
+    );
+    assert_eq!(
+        stops(&fx),
+        vec![("a".into(), 10, StopReason::NotMigratable)]
+    );
+    b.feed(
+        8,
+        Input::Stopped {
+            vmi_uid: a.uid.clone(),
+            result: Err("503".into()),
+        },
+    );
+    assert!(stops(&b.feed(107, Input::Tick)).is_empty());
+    assert_eq!(stops(&b.feed(108, Input::Tick)).len(), 1);
+}
+
+#[test]
+fn deadline_releases_with_a_warning_naming_what_is_left() {
+    let mut b = Bed::new(Scope::Vms);
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    b.start(0);
+    b.feed(
+        1,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::Evacuating,
+        },
+    );
+    b.feed(12_500, Input::Tick);
+    b.feed(
+        12_510,
+        Input::Stopped {
+            vmi_uid: a.uid.clone(),
+            result: Ok(()),
+        },
+    );
+    assert_eq!(b.m.next_wakeup(), Some(b.at(25_000)));
+    assert!(released(&b.feed(24_999, Input::Tick)).is_none());
+    let fx = b.feed(25_000, Input::Tick);
+    assert_eq!(
+        released(&fx),
+        Some((ReleaseReason::Deadline, vec![a.key.clone()]))
+    );
+    assert!(
+        matches!(&fx[0], Effect::ReleaseLock { .. }),
+        "release first"
+    );
+    assert!(fx.iter().any(|e| matches!(e,
+        Effect::Warn { reason: "ShutdownDeadlineReached", note } if note.contains("default/a"))));
+}
+
+#[test]
+fn deadline_override_and_margin_rules() {
+    let s = Duration::from_secs;
+    assert_eq!(drain_budget(Some(s(30)), s(5), None), s(25));
+    assert_eq!(drain_budget(Some(s(30)), s(5), Some(s(8))), s(8));
+    assert_eq!(drain_budget(None, s(1), None), s(4));
+    assert_eq!(drain_budget(Some(s(4)), s(5), None), s(2));
+}
+
+#[test]
+fn cancel_uncordons_when_we_cordoned_and_takes_a_new_lock() {
+    let mut b = Bed::new(Scope::Vms);
+    let a = vmi("a", NODE);
+    b.list(std::slice::from_ref(&a), &[launcher(&a, NODE)]);
+    b.start(0);
+    assert!(b.m.cordoned_by_us());
+    let fx = b.feed(
+        1_000,
+        Input::Shutdown {
+            start: false,
+            kind: None,
+        },
+    );
+    assert_eq!(fx, vec![Effect::Uncordon]);
+    assert!(matches!(b.m.phase(), Phase::Idle));
+    assert!(b.feed(1_010, Input::Uncordoned(Ok(()))).is_empty());
+    assert!(!b.m.cordoned_by_us());
+    // Eviction answers arriving late are ignored.
+    assert!(
+        b.feed(
+            1_020,
+            Input::Evicted {
+                pod: launcher(&a, NODE).pod_ref(),
+                outcome: EvictionOutcome::Retry("x".into())
+            }
+        )
+        .is_empty()
+    );
+    assert_eq!(b.m.next_wakeup(), None);
+}
+
+#[test]
+fn cancel_after_release_retakes_the_lock() {
+    let mut b = Bed::new(Scope::Vms);
+    b.list(&[], &[]);
+    let fx = b.start(0);
+    assert!(released(&fx).is_some());
+    let fx = b.feed(
+        50,
+        Input::Shutdown {
+            start: false,
+            kind: None,
+        },
+    );
+    assert_eq!(fx, vec![Effect::Uncordon, Effect::TakeLock]);
+}
+
+#[test]
+fn admin_cordoned_node_is_not_uncordoned_on_cancel() {
+    let mut b = Bed::new(Scope::Vms);
+    let a = vmi("a", NODE);
+    b.list(std::slice::from_ref(&a), &[launcher(&a, NODE)]);
+    b.feed(
+        0,
+        Input::Shutdown {
+            start: true,
+            kind: None,
+        },
+    );
+    let fx = b.feed(1, Input::Cordoned(CordonResult::AlreadyUnschedulable));
+    assert_eq!(evicts(&fx).len(), 1);
+    let fx = b.feed(
+        2,
+        Input::Shutdown {
+            start: false,
+            kind: None,
+        },
+    );
+    assert!(fx.is_empty(), "{fx:?}");
+}
+
+#[test]
+fn cancel_while_cordon_in_flight_undoes_it_when_it_lands() {
+    let mut b = Bed::new(Scope::Vms);
+    b.list(&[vmi("a", NODE)], &[]);
+    b.feed(
+        0,
+        Input::Shutdown {
+            start: true,
+            kind: None,
+        },
+    );
+    b.feed(
+        1,
+        Input::Shutdown {
+            start: false,
+            kind: None,
+        },
+    );
+    let fx = b.feed(2, Input::Cordoned(CordonResult::CordonedByUs));
+    assert_eq!(fx, vec![Effect::Uncordon]);
+}
+
+#[test]
+fn agent_restarted_in_same_boot_still_uncordons_on_cancel() {
+    let mut b = Bed::new(Scope::Vms);
+    b.list(&[vmi("a", NODE)], &[]);
+    b.feed(0, Input::CordonedThisBoot);
+    b.feed(
+        1,
+        Input::Shutdown {
+            start: true,
+            kind: None,
+        },
+    );
+    b.feed(2, Input::Cordoned(CordonResult::AlreadyUnschedulable));
+    let fx = b.feed(
+        3,
+        Input::Shutdown {
+            start: false,
+            kind: None,
+        },
+    );
+    assert_eq!(fx, vec![Effect::Uncordon]);
+}
+
+#[test]
+fn duplicate_signal_with_metadata_keeps_one_drain_and_records_type() {
+    let mut b = Bed::new(Scope::Vms);
+    b.list(&[vmi("a", NODE)], &[]);
+    b.feed(
+        0,
+        Input::Shutdown {
+            start: true,
+            kind: None,
+        },
+    );
+    let fx = b.feed(
+        1,
+        Input::Shutdown {
+            start: true,
+            kind: Some("reboot".into()),
+        },
+    );
+    assert!(fx.is_empty());
+    let Phase::Draining(d) = b.m.phase() else {
+        panic!()
+    };
+    assert_eq!(d.kind.as_deref(), Some("reboot"));
+    assert_eq!(d.started, b.at(0));
+}
+
+#[test]
+fn terminate_when_idle_or_draining() {
+    let mut b = Bed::new(Scope::Vms);
+    let a = vmi("a", NODE);
+    b.list(std::slice::from_ref(&a), &[launcher(&a, NODE)]);
+    assert_eq!(
+        b.feed(0, Input::Terminate),
+        vec![Effect::Exit {
+            draining: false,
+            remaining: vec![]
+        }]
+    );
+    b.start(1);
+    assert_eq!(
+        b.feed(2, Input::Terminate),
+        vec![Effect::Exit {
+            draining: true,
+            remaining: vec![a.key.clone()]
+        }]
+    );
+}
+
+#[test]
+fn scope_all_evicts_vms_first_then_other_pods_and_waits_for_them() {
+    let mut b = Bed::new(Scope::All);
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    let web = owned_by(pod("web-1", NODE), "ReplicaSet");
+    let bare = pod("bare", NODE);
+    let ds = owned_by(pod("handler", NODE), "DaemonSet");
+    b.list(
+        std::slice::from_ref(&a),
+        &[pa.clone(), web.clone(), bare.clone(), ds.clone()],
+    );
+    let fx = b.start(0);
+    assert_eq!(evicts(&fx), vec!["virt-launcher-a-abcde"]);
+    b.feed(
+        1,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::Evacuating,
+        },
+    );
+    // The VMI leaves: now the other pods go; the DaemonSet pod stays.
+    let fx = b.feed(
+        500,
+        Input::Vmis(WatchUpdate::Applied(migrated(a.clone(), "node-2"))),
+    );
+    assert!(released(&fx).is_none());
+    assert_eq!(evicts(&fx), vec!["bare", "web-1"]);
+    for p in [&web, &bare] {
+        b.feed(
+            510,
+            Input::Evicted {
+                pod: p.pod_ref(),
+                outcome: EvictionOutcome::Evicted,
+            },
+        );
+    }
+    assert!(released(&b.feed(600, Input::Pods(WatchUpdate::Deleted(web)))).is_none());
+    let fx = b.feed(700, Input::Pods(WatchUpdate::Deleted(bare)));
+    assert_eq!(released(&fx), Some((ReleaseReason::Empty, vec![])));
+}
+
+#[test]
+fn scope_all_starts_other_pods_at_half_budget_if_vms_linger() {
+    let mut b = Bed::new(Scope::All);
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    let bare = pod("bare", NODE);
+    b.list(std::slice::from_ref(&a), &[pa.clone(), bare]);
+    b.start(0);
+    b.feed(
+        1,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::Evacuating,
+        },
+    );
+    assert!(evicts(&b.feed(12_499, Input::Tick)).is_empty());
+    assert_eq!(evicts(&b.feed(12_500, Input::Tick)), vec!["bare"]);
+}
+
+#[test]
+fn launcher_appearing_mid_drain_is_evicted_too() {
+    let mut b = Bed::new(Scope::Vms);
+    b.list(&[], &[]);
+    let a = vmi("a", NODE);
+    // The node had a VMI scheduled just as the shutdown started.
+    b.feed(0, Input::Vmis(WatchUpdate::Applied(a.clone())));
+    b.start(1);
+    let fx = b.feed(50, Input::Pods(WatchUpdate::Applied(launcher(&a, NODE))));
+    assert_eq!(evicts(&fx), vec!["virt-launcher-a-abcde"]);
+}

@@ -1,0 +1,134 @@
+//! What the scenario tests share: a bed with the agent running as a pod on node-1, and the
+//! observations that prove what happened (logind's inhibitor list, the API server's audit log,
+//! watch events, the node's power-off time) — never the agent's own logs.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use testbed::bed::{Bed, BedOptions, NODE};
+use testbed::timeline::{AuditEntry, audit_entries};
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_shutdown-guard");
+pub const WHO: &str = "shutdown-guard";
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TESTBED_LOG")
+                .unwrap_or_else(|_| "warn,kube_client=off".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+pub async fn start_bed(opts: BedOptions) -> Bed {
+    init_tracing();
+    Bed::start(opts).await.expect("the bed starts")
+}
+
+/// The agent, running as a pod on node-1; killed when dropped.
+pub struct Agent {
+    pub child: tokio::process::Child,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub async fn spawn(bed: &Bed, extra: &[&str]) -> Agent {
+        let log = bed
+            .control_plane
+            .dir()
+            .join(format!("agent-{}.log", rand_suffix()));
+        let file = std::fs::File::create(&log).expect("agent log");
+        let mut args = vec!["run", "--node", NODE, "--log-format", "json"];
+        args.extend_from_slice(extra);
+        let child = bed
+            .pod_command(AGENT, &args)
+            .await
+            .stdout(Stdio::from(file.try_clone().expect("log fd")))
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the agent starts");
+        Agent { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn rand_suffix() -> u32 {
+    rand::random::<u32>() % 1_000_000
+}
+
+/// Waits until logind lists shutdown-guard's delay lock; panics with the agent's log otherwise.
+pub async fn wait_for_lock(bed: &Bed, agent: &Agent, timeout: Duration) -> Instant {
+    let end = Instant::now() + timeout;
+    loop {
+        if holds_lock(bed).await {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < end,
+            "shutdown-guard took no lock within {timeout:?}; its log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn holds_lock(bed: &Bed) -> bool {
+    bed.list_inhibitors()
+        .await
+        .map(|l| l.iter().any(|i| i.who == WHO && i.mode == "delay" && i.what.contains("shutdown")))
+        .unwrap_or(false)
+}
+
+/// Watches logind's inhibitor list (from logind's side) and returns the moment shutdown-guard's
+/// lock disappeared, polling every 5 ms for at most `timeout`.
+pub async fn observe_release(bed: &Bed, timeout: Duration) -> Option<SystemTime> {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        match bed.list_inhibitors().await {
+            Ok(list) if !list.iter().any(|i| i.who == WHO) => return Some(SystemTime::now()),
+            Ok(_) => {}
+            // logind has gone with the node: the lock is gone too.
+            Err(_) => return Some(SystemTime::now()),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+/// The audit log's entries, in order.
+pub fn audit(bed: &Bed) -> Vec<AuditEntry> {
+    audit_entries(bed.control_plane.audit_log_path())
+}
+
+/// When the API server finished the last write to `vmi` (`ns/name`) that it received at or
+/// before `seen` (the watch event that showed the VMI gone from the node).
+pub fn server_write_before(entries: &[AuditEntry], vmi: &str, seen: SystemTime) -> Option<SystemTime> {
+    let (ns, name) = vmi.split_once('/')?;
+    entries
+        .iter()
+        .filter(|e| {
+            e.resource == "virtualmachineinstances"
+                && e.namespace == ns
+                && e.name == name
+                && matches!(e.verb.as_str(), "update" | "patch" | "delete")
+                && e.received <= seen
+        })
+        .map(|e| e.received)
+        .max()
+}
+
+pub fn secs(d: f64) -> String {
+    format!("{d:.3} s")
+}
+
+pub fn now() -> SystemTime {
+    SystemTime::now()
+}

@@ -1,0 +1,17 @@
+//! The test bed: a real control plane (etcd, kube-apiserver, kube-controller-manager,
+//! kube-scheduler), simulated kubelets and KubeVirt, and a real logind, on one machine.
+//!
+//! Every piece is torn down by PID when its handle drops, so a panicking test leaves
+//! nothing behind.
+
+pub mod controlplane;
+pub mod kubelet;
+pub mod kubevirt;
+pub mod logind;
+pub mod paths;
+pub mod pki;
+pub mod process;
+pub mod bed;
+pub mod ctl;
+pub mod timeline;
+pub mod demo;
