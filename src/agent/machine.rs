@@ -617,7 +617,7 @@ impl Machine {
                 } else {
                     format!(
                         "drain deadline reached; releasing the shutdown lock with still on the node: {}",
-                        names.join(", ")
+                        name_list(&names, NOTE_NAMES)
                     )
                 },
             });
@@ -651,6 +651,16 @@ impl Machine {
         }
         out
     }
+}
+
+/// Names an Event note lists before summarising the rest (notes are capped at 1 kB).
+const NOTE_NAMES: usize = 12;
+
+fn name_list(names: &[String], max: usize) -> String {
+    if names.len() <= max {
+        return names.join(", ");
+    }
+    format!("{} and {} more", names[..max].join(", "), names.len() - max)
 }
 
 pub fn drain_budget(

@@ -145,9 +145,20 @@ pub async fn run(settings: Settings) -> Result<Exit, RunError> {
             Input::Vmis(WatchUpdate::Deleted(v)) => Some((v.clone(), true)),
             _ => None,
         };
+        let prev = vmi_seen
+            .as_ref()
+            .and_then(|(v, _)| machine.vmi(&v.uid).cloned());
+        log_vmi_progress(&node, prev.as_ref(), vmi_seen.as_ref().map(|(v, _)| v));
         let fx = machine.handle(now, input);
         // Logged before the effects (a few microseconds) so logs read in causal order.
-        log_transitions(&node, &machine, was_draining, &before, vmi_seen);
+        log_transitions(
+            &node,
+            &machine,
+            was_draining,
+            &before,
+            vmi_seen,
+            prev.as_ref(),
+        );
 
         // Release first, everything else after.
         let (urgent, rest): (Vec<Effect>, Vec<Effect>) = fx
@@ -161,12 +172,50 @@ pub async fn run(settings: Settings) -> Result<Exit, RunError> {
     }
 }
 
+/// Per-VMI progress from its watch updates: evacuation requested, migration target chosen,
+/// migration failed.
+fn log_vmi_progress(node: &str, prev: Option<&VmiInfo>, next: Option<&VmiInfo>) {
+    let Some(next) = next else { return };
+    if !next.runs_on(node) && prev.is_none_or(|p| !p.runs_on(node)) {
+        return;
+    }
+    let prev_evac = prev.and_then(|p| p.evacuation_node.as_deref());
+    if let Some(e) = next.evacuation_node.as_deref()
+        && prev_evac != Some(e)
+    {
+        info!(node = %node, vmi = %next.key, "vmi evacuation requested");
+    }
+    let prev_m = prev.and_then(|p| p.migration.as_ref());
+    if let Some(m) = &next.migration {
+        if m.target_node.is_some()
+            && prev_m.and_then(|p| p.target_node.as_ref()) != m.target_node.as_ref()
+            && !m.completed
+        {
+            info!(
+                node = %node,
+                vmi = %next.key,
+                target_node = m.target_node.as_deref().unwrap_or(""),
+                "vmi migrating"
+            );
+        }
+        if m.failed && !prev_m.is_some_and(|p| p.failed) {
+            warn!(
+                node = %node,
+                vmi = %next.key,
+                target_node = m.target_node.as_deref().unwrap_or(""),
+                "vmi migration failed"
+            );
+        }
+    }
+}
+
 fn log_transitions(
     node: &str,
     machine: &Machine,
     was_draining: bool,
     before: &BTreeSet<ObjKey>,
     vmi_seen: Option<(VmiInfo, bool)>,
+    prev: Option<&VmiInfo>,
 ) {
     let after: BTreeSet<ObjKey> = machine.remaining_vmis().into_iter().collect();
     if was_draining || matches!(machine.phase(), Phase::Draining(_) | Phase::Released { .. }) {
@@ -185,7 +234,13 @@ fn log_transitions(
                     } else if let Some(n) = v.node_name.as_ref().filter(|n| n.as_str() != node) {
                         format!("migrated to {n}")
                     } else if *deleted {
-                        "no longer labelled for this node".into()
+                        match prev
+                            .and_then(|p| p.migration.as_ref())
+                            .and_then(|m| m.target_node.as_ref())
+                        {
+                            Some(t) => format!("migrated to {t}"),
+                            None => "deleted".into(),
+                        }
                     } else {
                         "left".into()
                     }
@@ -435,7 +490,17 @@ fn spawn_logind_config_check(ctx: &Ctx, settings: &Settings, delay_max: Duration
                     if changed || delay < wanted {
                         match logind::reload_and_verify(wanted).await {
                             Ok(d) => {
-                                info!(node = %node, inhibit_delay_max_ms = d.as_millis() as u64, "logind reloaded");
+                                if d < wanted {
+                                    warn!(
+                                        node = %node,
+                                        inhibit_delay_max_ms = d.as_millis() as u64,
+                                        wanted_ms = wanted.as_millis() as u64,
+                                        dropin = %s.logind_dropin.display(),
+                                        "logind reloaded but does not use the drop-in's value"
+                                    );
+                                } else {
+                                    info!(node = %node, inhibit_delay_max_ms = d.as_millis() as u64, "logind reloaded");
+                                }
                                 delay = d;
                                 let _ = tx.send(Input::DelayMax(d));
                             }

@@ -643,3 +643,21 @@ fn launcher_appearing_mid_drain_is_evicted_too() {
     let fx = b.feed(50, Input::Pods(WatchUpdate::Applied(launcher(&a, NODE))));
     assert_eq!(evicts(&fx), vec!["virt-launcher-a-abcde"]);
 }
+
+#[test]
+fn deadline_note_lists_a_bounded_number_of_names() {
+    let mut b = Bed::new(Scope::Vms);
+    let vs: Vec<VmiInfo> = (0..40).map(|i| vmi(&format!("vm-{i:02}"), NODE)).collect();
+    b.list(&vs, &[]);
+    b.start(0);
+    let fx = b.feed(25_000, Input::Tick);
+    let note = fx
+        .iter()
+        .find_map(|e| match e {
+            Effect::Warn { note, .. } => Some(note.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(note.ends_with("and 28 more"), "{note}");
+    assert!(note.len() < 1024);
+}

@@ -38,16 +38,44 @@ impl NodeEvents {
         note: String,
     ) -> Result<(), kube::Error> {
         let ev = Event {
+            note: Some(truncate(note, NOTE_MAX)),
             type_: if warning {
                 EventType::Warning
             } else {
                 EventType::Normal
             },
             reason: reason.into(),
-            note: Some(note),
             action: action.into(),
             secondary: None,
         };
         self.recorder.publish(&ev, &self.node).await
+    }
+}
+
+/// The API server rejects Event notes longer than this many bytes.
+const NOTE_MAX: usize = 1024;
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    let mut cut = max - '…'.len_utf8();
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s.truncate(cut);
+    s.push('…');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn notes_fit_the_api_limit() {
+        let long = "é".repeat(2000);
+        let t = super::truncate(long, super::NOTE_MAX);
+        assert!(t.len() <= super::NOTE_MAX);
+        assert!(t.ends_with('…'));
+        assert_eq!(super::truncate("short".into(), 1024), "short");
     }
 }

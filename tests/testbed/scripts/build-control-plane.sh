@@ -55,6 +55,19 @@ export GOFLAGS="-mod=mod -buildvcs=false"
 
 mkdir -p "$bin" "$src/etcd" "$src/k8s"
 
+# The two builds run as background jobs, each in its own process group (job control), so an
+# interrupted or failed run can stop both builds and every compiler they started.
+set -m
+build_pids=()
+stop_builds() {
+    local p
+    for p in "${build_pids[@]}"; do
+        kill -- "-$p" 2>/dev/null || true
+    done
+}
+trap 'stop_builds' EXIT
+trap 'stop_builds; exit 130' INT TERM
+
 # --- etcd: the server module's root package is etcd's main (main.go calls etcdmain.Main).
 cat >"$src/etcd/go.mod" <<EOF
 module testbed.invalid/etcd-build
@@ -70,6 +83,7 @@ rm -f "$src/etcd/go.sum"
     "$GO" build -trimpath -ldflags "-s -w" -o "$bin/etcd.new" go.etcd.io/etcd/server/v3
 ) &
 etcd_pid=$!
+build_pids+=("$etcd_pid")
 
 # --- Kubernetes: k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with
 # ./staging/src/...; a dependent module must replace them with the published v0.<minor>.<patch> tags.
@@ -106,11 +120,13 @@ staging_version="v0.${K8S_VERSION#v1.}"
         k8s.io/kubernetes/cmd/kubectl
 ) &
 k8s_pid=$!
+build_pids+=("$k8s_pid")
 
 status=0
 wait "$etcd_pid" || { echo "control plane: etcd build failed" >&2; status=1; }
 wait "$k8s_pid" || { echo "control plane: kubernetes build failed" >&2; status=1; }
 [[ $status -eq 0 ]] || exit "$status"
+build_pids=()
 
 # Binaries are replaced only now, after both builds succeeded; the stamp goes first so an
 # interrupted swap is rebuilt next time.

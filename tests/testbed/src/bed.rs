@@ -320,7 +320,6 @@ impl Bed {
             .systemd()
             .ok_or_else(|| BedError::Invalid("reboot needs --logind systemd".into()))?;
         let exit = node.reboot_and_wait(timeout).await?;
-        node.boot_again().await?;
         let boot_id = node.boot_id();
         drop(logind);
         self.kubelet.set_boot_id(NODE, &boot_id).await?;

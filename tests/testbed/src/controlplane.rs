@@ -89,6 +89,11 @@ pub enum ControlPlaneError {
     Api { what: String, source: kube::Error },
     #[error("TokenRequest for {service_account} returned no token")]
     NoToken { service_account: String },
+    #[error("unreadable audit event {line}: {source}")]
+    Audit {
+        line: String,
+        source: serde_json::Error,
+    },
     #[error("after shutdown, still present: {0}")]
     Leftovers(String),
 }
@@ -137,6 +142,64 @@ impl Default for ControlPlaneOptions {
     }
 }
 
+/// The fields of an `audit.k8s.io/v1` Event that request counting needs.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuditEvent {
+    /// `ResponseComplete`, or `ResponseStarted` for long-running requests (watches).
+    pub stage: String,
+    /// `get`, `list`, `watch`, `create`, `update`, `patch`, `delete`, …
+    pub verb: String,
+    pub request_uri: String,
+    pub user: AuditUser,
+    pub object_ref: Option<AuditObjectRef>,
+    pub response_status: Option<AuditResponseStatus>,
+    pub request_received_timestamp: String,
+    pub stage_timestamp: String,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct AuditUser {
+    pub username: String,
+    pub groups: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuditObjectRef {
+    pub resource: String,
+    pub subresource: Option<String>,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub api_group: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct AuditResponseStatus {
+    pub code: Option<u16>,
+}
+
+impl AuditEvent {
+    /// `resource` or `resource/subresource` (e.g. `pods/eviction`), empty for non-resource URLs.
+    pub fn resource_path(&self) -> String {
+        match &self.object_ref {
+            Some(AuditObjectRef {
+                resource,
+                subresource: Some(sub),
+                ..
+            }) => format!("{resource}/{sub}"),
+            Some(r) => r.resource.clone(),
+            None => String::new(),
+        }
+    }
+
+    pub fn code(&self) -> Option<u16> {
+        self.response_status.as_ref().and_then(|s| s.code)
+    }
+}
+
 /// Credentials for a kubeconfig written by [`ControlPlane::write_kubeconfig`].
 #[derive(Clone, Debug)]
 pub enum Credentials {
@@ -154,6 +217,7 @@ pub struct ControlPlane {
     etcd_url: String,
     kubeconfig: PathBuf,
     audit_log: PathBuf,
+    bin_dir: PathBuf,
     /// In start order; stopped in reverse.
     children: Vec<ManagedChild>,
     started_in: Duration,
@@ -173,6 +237,23 @@ impl ControlPlane {
     /// Starts etcd, kube-apiserver (and waits for `/readyz`), then the controller manager and the
     /// scheduler as configured.
     pub async fn start(opts: ControlPlaneOptions) -> Result<Self, ControlPlaneError> {
+        // Free ports are chosen before the components bind them, so a parallel test can take one
+        // in between; a component that dies of that is retried with new ports.
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(&opts).await {
+                Err(ControlPlaneError::Exited { name, tail, .. })
+                    if attempt < 3 && tail.contains("address already in use") =>
+                {
+                    tracing::warn!(name, attempt, "port taken meanwhile, starting again");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once(opts: &ControlPlaneOptions) -> Result<Self, ControlPlaneError> {
         let began = Instant::now();
         let bin = |name: &str| {
             let path = opts.bin_dir.join(name);
@@ -229,6 +310,7 @@ impl ControlPlane {
             etcd_url,
             kubeconfig: d.join("admin.kubeconfig"),
             audit_log: d.join("audit.log"),
+            bin_dir: opts.bin_dir.clone(),
             children: Vec::new(),
             started_in: Duration::ZERO,
         };
@@ -391,6 +473,28 @@ impl ControlPlane {
     /// The API server's audit log: JSON lines, one `audit.k8s.io/v1` Event each.
     pub fn audit_log_path(&self) -> &Path {
         &self.audit_log
+    }
+
+    /// A `kubectl` command (the bed's build) using the admin kubeconfig.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join("kubectl"));
+        cmd.env("KUBECONFIG", &self.kubeconfig);
+        cmd
+    }
+
+    /// The audit log's events so far, in the order the API server wrote them.
+    pub fn audit_events(&self) -> Result<Vec<AuditEvent>, ControlPlaneError> {
+        let text = std::fs::read_to_string(&self.audit_log)
+            .map_err(io_err(format!("cannot read {}", self.audit_log.display())))?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l).map_err(|e| ControlPlaneError::Audit {
+                    line: l.chars().take(200).collect(),
+                    source: e,
+                })
+            })
+            .collect()
     }
 
     /// The plane's temporary folder (pki/, logs/<component>.log, etcd/, kubeconfigs).

@@ -33,7 +33,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 
 /// A pod annotated with this (seconds, integer) exits by itself that long after SIGTERM,
@@ -452,7 +452,9 @@ async fn pod_loop(
     let api = Api::<Pod>::all(client.clone());
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let mut stream = std::pin::pin!(watcher(api, config));
-    let mut pods: HashMap<String, (watch::Sender<Option<Pod>>, JoinHandle<()>)> = HashMap::new();
+    // Dropping the set (this task aborted) aborts every pod task.
+    let mut running = tokio::task::JoinSet::new();
+    let mut pods: HashMap<String, (watch::Sender<Option<Pod>>, AbortHandle)> = HashMap::new();
     let mut seen_in_init: Vec<String> = Vec::new();
     let ctx = Arc::new(PodCtx {
         client,
@@ -461,9 +463,11 @@ async fn pod_loop(
         next_ip: Mutex::new(0),
         workloads,
     });
-    let deliver = |pods: &mut HashMap<String, (watch::Sender<Option<Pod>>, JoinHandle<()>)>,
+    let deliver = |running: &mut tokio::task::JoinSet<()>,
+                   pods: &mut HashMap<String, (watch::Sender<Option<Pod>>, AbortHandle)>,
                    pod: Option<Pod>,
                    uid: String| {
+        while running.try_join_next().is_some() {}
         pods.retain(|_, (_, task)| !task.is_finished());
         match (pods.get(&uid), pod) {
             (Some((tx, _)), pod) => {
@@ -471,7 +475,7 @@ async fn pod_loop(
             }
             (None, Some(pod)) => {
                 let (tx, rx) = watch::channel(Some(pod));
-                let task = tokio::spawn(run_pod(ctx.clone(), uid.clone(), rx));
+                let task = running.spawn(run_pod(ctx.clone(), uid.clone(), rx));
                 pods.insert(uid, (tx, task));
             }
             (None, None) => {}
@@ -483,11 +487,11 @@ async fn pod_loop(
             Ok(watcher::Event::InitApply(pod)) => {
                 let uid = pod.metadata.uid.clone().unwrap_or_default();
                 seen_in_init.push(uid.clone());
-                deliver(&mut pods, Some(pod), uid);
+                deliver(&mut running, &mut pods, Some(pod), uid);
             }
             Ok(watcher::Event::Apply(pod)) => {
                 let uid = pod.metadata.uid.clone().unwrap_or_default();
-                deliver(&mut pods, Some(pod), uid);
+                deliver(&mut running, &mut pods, Some(pod), uid);
             }
             Ok(watcher::Event::InitDone) => {
                 let gone: Vec<String> = pods
@@ -496,12 +500,12 @@ async fn pod_loop(
                     .cloned()
                     .collect();
                 for uid in gone {
-                    deliver(&mut pods, None, uid);
+                    deliver(&mut running, &mut pods, None, uid);
                 }
             }
             Ok(watcher::Event::Delete(pod)) => {
                 let uid = pod.metadata.uid.clone().unwrap_or_default();
-                deliver(&mut pods, None, uid);
+                deliver(&mut running, &mut pods, None, uid);
             }
             Err(e) => {
                 tracing::debug!(node, error = %e, "pod watch error; the watcher retries");

@@ -1,13 +1,18 @@
 //! The real control plane: it starts, authenticates and authorizes, audits, runs its controllers,
 //! and leaves nothing behind, also when the test holding it panics.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodSpec, ServiceAccount};
-use kube::api::{Api, EvictParams, ObjectMeta, PostParams};
-use serde_json::Value;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Node, Pod, PodSpec, ServiceAccount, Toleration,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, EvictParams, ObjectMeta, Patch, PatchParams, PostParams};
 use testbed::controlplane::{ControlPlane, ControlPlaneOptions, client_from_kubeconfig};
 use testbed::process::pid_exists;
 
@@ -78,6 +83,14 @@ async fn control_plane_authorizes_audits_runs_controllers_and_tears_down() -> an
         other => anyhow::bail!("listing pods as the ServiceAccount was not forbidden: {other:?}"),
     }
 
+    // kubectl (Go's client) accepts the admin kubeconfig, and agrees with RBAC.
+    let mut can_i = plane.kubectl();
+    can_i.args(["auth", "can-i", "list", "pods", "-n", NS]);
+    can_i.arg("--as=system:serviceaccount:rbac-check:reader");
+    let out = tokio::process::Command::from(can_i).output().await?;
+    let answer = String::from_utf8_lossy(&out.stdout);
+    ensure!(answer.trim() == "no", "kubectl auth can-i said {answer:?}");
+
     // An eviction, which later benchmarks count from the audit log. With no node the pod stays
     // Pending, and a pending pod's eviction is granted at once.
     let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
@@ -100,25 +113,21 @@ async fn control_plane_authorizes_audits_runs_controllers_and_tears_down() -> an
     pods.evict("evict-me", &EvictParams::default()).await?;
 
     // The audit log (written before each response) holds both requests.
-    let events: Vec<Value> = std::fs::read_to_string(plane.audit_log_path())?
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
+    let events = plane.audit_events()?;
     let denied = events.iter().any(|e| {
-        e["verb"] == "list"
-            && e["objectRef"]["resource"] == "pods"
-            && e["user"]["username"] == "system:serviceaccount:rbac-check:reader"
-            && e["responseStatus"]["code"] == 403
+        e.verb == "list"
+            && e.resource_path() == "pods"
+            && e.user.username == "system:serviceaccount:rbac-check:reader"
+            && e.code() == Some(403)
     });
     ensure!(denied, "audit log lacks the forbidden list of pods");
     let evictions = events
         .iter()
         .filter(|e| {
-            e["verb"] == "create"
-                && e["objectRef"]["resource"] == "pods"
-                && e["objectRef"]["subresource"] == "eviction"
-                && e["objectRef"]["name"] == "evict-me"
-                && e["stage"] == "ResponseComplete"
+            e.verb == "create"
+                && e.resource_path() == "pods/eviction"
+                && e.object_ref.as_ref().and_then(|r| r.name.as_deref()) == Some("evict-me")
+                && e.stage == "ResponseComplete"
         })
         .count();
     ensure!(
@@ -126,6 +135,53 @@ async fn control_plane_authorizes_audits_runs_controllers_and_tears_down() -> an
         "audit log has {evictions} evictions of evict-me, want 1"
     );
     eprintln!("audit log: {} events", events.len());
+
+    // The scheduler binds a pod to a Node that has room for it.
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let node = Node {
+        metadata: ObjectMeta {
+            name: Some("sched-node".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    nodes.create(&PostParams::default(), &node).await?;
+    let capacity: BTreeMap<String, Quantity> = [("cpu", "4"), ("memory", "8Gi"), ("pods", "110")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
+        .collect();
+    let status = serde_json::json!({ "status": {
+        "capacity": capacity,
+        "allocatable": capacity,
+        "conditions": [{ "type": "Ready", "status": "True", "reason": "KubeletReady",
+                         "lastHeartbeatTime": Time(Timestamp::now()),
+                         "lastTransitionTime": Time(Timestamp::now()) }],
+    }});
+    nodes
+        .patch_status(
+            "sched-node",
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await?;
+    let mut pod = pod.clone();
+    pod.metadata.name = Some("schedule-me".into());
+    if let Some(spec) = pod.spec.as_mut() {
+        // The node carries the not-ready taint TaintNodesByCondition adds at creation until the
+        // node lifecycle controller sees it Ready; this check is about the scheduler only.
+        spec.tolerations = Some(vec![Toleration {
+            operator: Some("Exists".into()),
+            ..Default::default()
+        }]);
+    }
+    pods.create(&PostParams::default(), &pod).await?;
+    let bound = poll(Duration::from_secs(30), || async {
+        let pod = pods.get("schedule-me").await?;
+        Ok(pod.spec.and_then(|s| s.node_name))
+    })
+    .await
+    .context("the scheduler never bound schedule-me")?;
+    ensure!(bound == "sched-node", "bound to {bound}");
 
     let pids = plane.pids();
     ensure!(pids.len() == 4, "expected 4 processes, got {pids:?}");

@@ -29,11 +29,12 @@ const DRAIN: &[&str] = &[
     "--pod-selector=kubevirt.io=virt-launcher",
 ];
 
+/// Fields drop in order: the simulators stop before the control plane goes away.
 struct Bed {
-    plane: ControlPlane,
-    client: Client,
-    kubelet: KubeletSim,
     kubevirt: KubeVirtSim,
+    kubelet: KubeletSim,
+    client: Client,
+    plane: ControlPlane,
 }
 
 async fn bed() -> Result<Bed> {
@@ -401,12 +402,23 @@ async fn evictions_follow_the_admitter_and_failed_migrations_back_off() -> Resul
     .await?;
     ensure!(moved.evacuation_node_name().is_none());
 
-    let migrations =
-        Api::<VirtualMachineInstanceMigration>::namespaced(bed.client.clone(), "default")
-            .list(&ListParams::default().labels("kubevirt.io/vmi-name=live-1"))
-            .await?;
-    let mut migrations = migrations.items;
-    migrations.sort_by_key(|m| m.transition_time("Pending"));
+    // The migration object reports Succeeded right after the VMI shows the hand-over.
+    let api = Api::<VirtualMachineInstanceMigration>::namespaced(bed.client.clone(), "default");
+    let migrations = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let mut items = api
+                .list(&ListParams::default().labels("kubevirt.io/vmi-name=live-1"))
+                .await?
+                .items;
+            items.sort_by_key(|m| m.transition_time("Pending"));
+            if items.iter().all(|m| m.is_final()) {
+                return anyhow::Ok(items);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .context("migrations of live-1 did not finish")??;
     let phases: Vec<&str> = migrations.iter().map(|m| m.phase()).collect();
     ensure!(phases == ["Failed", "Succeeded"], "phases {phases:?}");
     let failed_at = migrations[0]

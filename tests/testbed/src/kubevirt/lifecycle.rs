@@ -26,9 +26,12 @@ use super::launcher::{self, LIVE_MIGRATABLE_ANNOTATION, NODE_NAME_LABEL};
 pub(crate) async fn run(ctx: Arc<Ctx>) {
     let mut creating: HashMap<String, tokio::time::Instant> = HashMap::new();
     let mut shutting_down: HashSet<String> = HashSet::new();
+    // Dropping the set (this task aborted) aborts shutdowns in progress.
+    let mut shutdowns = tokio::task::JoinSet::new();
     loop {
         start_vmis(&ctx, &mut creating).await;
-        stop_pods(&ctx, &mut shutting_down);
+        while shutdowns.try_join_next().is_some() {}
+        stop_pods(&ctx, &mut shutting_down, &mut shutdowns);
         ctx.changed(Duration::from_secs(1)).await;
     }
 }
@@ -155,7 +158,11 @@ async fn start_vmis(ctx: &Arc<Ctx>, creating: &mut HashMap<String, tokio::time::
 }
 
 /// Starts a shutdown for each launcher pod newly marked for deletion.
-fn stop_pods(ctx: &Arc<Ctx>, shutting_down: &mut HashSet<String>) {
+fn stop_pods(
+    ctx: &Arc<Ctx>,
+    shutting_down: &mut HashSet<String>,
+    shutdowns: &mut tokio::task::JoinSet<()>,
+) {
     let pods = ctx.pods.state();
     let present: HashSet<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
     shutting_down.retain(|uid| present.contains(uid));
@@ -168,7 +175,7 @@ fn stop_pods(ctx: &Arc<Ctx>, shutting_down: &mut HashSet<String>) {
             continue;
         }
         let ctx = ctx.clone();
-        tokio::spawn(async move { shut_down(ctx, pod, uid).await });
+        shutdowns.spawn(async move { shut_down(ctx, pod, uid).await });
     }
 }
 

@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinSet};
 
 use super::Ctx;
 use super::crds::{PhaseTransition, VirtualMachineInstance, VirtualMachineInstanceMigration};
@@ -27,8 +27,11 @@ use super::evacuation::{EVACUATION_ANNOTATION, VMI_NAME_LABEL};
 use super::launcher::{self, MIGRATION_TARGET_NODE_LABEL, NODE_NAME_LABEL};
 
 pub(crate) async fn run(ctx: Arc<Ctx>) {
-    let mut tasks: HashMap<String, JoinHandle<()>> = HashMap::new();
+    // Dropping the set (this task aborted) aborts every migration task.
+    let mut running = JoinSet::new();
+    let mut tasks: HashMap<String, AbortHandle> = HashMap::new();
     loop {
+        while running.try_join_next().is_some() {}
         tasks.retain(|_, t| !t.is_finished());
         for m in ctx.vmims.state() {
             let uid = m.metadata.uid.clone().unwrap_or_default();
@@ -39,7 +42,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>) {
             let m = (*m).clone();
             tasks.insert(
                 uid,
-                tokio::spawn(async move { Migration::new(ctx, m).run().await }),
+                running.spawn(async move { Migration::new(ctx, m).run().await }),
             );
         }
         ctx.changed(Duration::from_secs(1)).await;

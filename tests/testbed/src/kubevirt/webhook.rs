@@ -120,16 +120,18 @@ pub(crate) async fn serve(
         requests: requests.clone(),
     });
     let task = tokio::spawn(async move {
+        // Dropping the set (this task aborted) closes every connection, so a stopped sim
+        // stops answering even on the API server's kept-alive connections.
+        let mut connections = tokio::task::JoinSet::new();
         loop {
+            while connections.try_join_next().is_some() {}
             let Ok((tcp, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
             let acceptor = acceptor.clone();
             let state = state.clone();
-            // Connections live in their own tasks; aborting the accept loop drops the listener,
-            // and in-flight requests finish or die with the runtime.
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let Ok(stream) = acceptor.accept(tcp).await else {
                     return;
                 };

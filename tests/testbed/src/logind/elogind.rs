@@ -221,15 +221,6 @@ impl Elogind {
             .collect()
     }
 
-    /// Shell command that starts the power-off (`PowerOff(false)` from a pod).
-    pub fn poweroff_shell_command(&self) -> String {
-        format!(
-            "DBUS_SYSTEM_BUS_ADDRESS={} nsenter --target={} --pid -- busctl call {LOGIN1} {LOGIN1_PATH} {LOGIN1_MANAGER} PowerOff b false",
-            self.pod_bus_address(),
-            self.init_pid
-        )
-    }
-
     fn elogind_pid(&self) -> Option<u32> {
         let children =
             std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.init_pid)).ok()?;
@@ -343,6 +334,16 @@ impl LogindNode for Elogind {
 
     async fn list_inhibitors(&self) -> Result<Vec<Inhibitor>, LogindError> {
         read_inhibitors(&self.bus_address()).await
+    }
+
+    /// Waits for the marker's first line and prints its timestamp.
+    fn wait_poweroff_shell_command(&self) -> String {
+        format!(
+            "sh -c 'm={}; n=$(( ${{TESTBED_WAIT_TIMEOUT:-600}} * 20 )); \
+             while [ ! -s \"$m\" ]; do n=$((n - 1)); [ $n -gt 0 ] || exit 1; sleep 0.05; done; \
+             head -n1 \"$m\" | cut -d\" \" -f1'",
+            self.dir.join("poweroff-marker").display()
+        )
     }
 }
 

@@ -136,6 +136,30 @@ pub trait LogindNode {
 
     /// logind's `ListInhibitors`.
     fn list_inhibitors(&self) -> impl Future<Output = Result<Vec<Inhibitor>, LogindError>> + Send;
+
+    /// A shell command that starts the power-off when run in a pod of this node (a D-Bus
+    /// `PowerOff(false)` to logind, which is what `systemctl poweroff` asks of it). For
+    /// `TESTBED_POWEROFF`.
+    fn poweroff_shell_command(&self) -> String {
+        login1_call_shell(&self.pod_bus_address(), "PowerOff")
+    }
+
+    /// Like [`poweroff_shell_command`](Self::poweroff_shell_command), for a reboot
+    /// (`TESTBED_REBOOT`).
+    fn reboot_shell_command(&self) -> String {
+        login1_call_shell(&self.pod_bus_address(), "Reboot")
+    }
+
+    /// A shell command that blocks until the node powered off (the moment
+    /// [`wait_poweroff`](Self::wait_poweroff) returns) and prints it as `<unix seconds.nanos>`
+    /// (`TESTBED_WAIT_POWEROFF`). Gives up after `TESTBED_WAIT_TIMEOUT` seconds (600).
+    fn wait_poweroff_shell_command(&self) -> String;
+}
+
+fn login1_call_shell(address: &str, method: &str) -> String {
+    format!(
+        "busctl --address={address} call {LOGIN1} {LOGIN1_PATH} {LOGIN1_MANAGER} {method} b false"
+    )
 }
 
 /// Connects to a bus at `address` (`unix:path=…`).
@@ -302,6 +326,15 @@ exec 3<&-
 wait "$child"
 "#;
 
+/// The pod's parent in the machine's PID namespace: starts the pod with the parent's stdin
+/// (a non-interactive shell would give a background job /dev/null) and exits with its status.
+const POD_PARENT: &str = r#"exec 3<&0
+"$@" <&3 3<&- &
+child=$!
+exec 3<&-
+wait "$child"
+"#;
+
 /// Where a pod finds its node's logind.
 pub(crate) struct PodSpec<'a> {
     /// Host PID of a process in logind's PID namespace.
@@ -316,12 +349,16 @@ pub(crate) fn pod_command(
     program: &str,
     args: &[&str],
 ) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new("nsenter");
-    cmd.arg(format!("--target={}", spec.ns_pid))
-        .arg("--pid")
-        .arg("--")
-        // nsenter stays behind in the machine's PID namespace; if it is killed, the parent
-        // death signal takes the pod's unshare, whose --kill-child takes the pod's PID 1.
+    // A shell in the machine's PID namespace whose children start in logind's (setns before
+    // exec). Not `nsenter --pid`: when a node's final stage stops every process of its PID
+    // namespace with SIGSTOP, nsenter stops itself to mirror its child and is never continued
+    // (the SIGCONT reaches only the namespace), so its child stays an unreaped zombie that holds
+    // the node's exit until systemd-shutdown's timeout.
+    let ns = std::fs::File::open(format!("/proc/{}/ns/pid", spec.ns_pid));
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.args(["-c", POD_PARENT, "testbed-pod-parent"])
+        // If the parent is killed, the parent death signal takes the pod's unshare, whose
+        // --kill-child takes the pod's PID 1 and with it the pod's PID namespace.
         .args([
             "setpriv",
             "--pdeathsig",
@@ -349,6 +386,18 @@ pub(crate) fn pod_command(
         .env("DBUS_SYSTEM_BUS_ADDRESS", &spec.bus_address)
         .env("TESTBED_POD_BOOT_ID", spec.boot_id_file)
         .kill_on_drop(true);
+    // A node that is gone makes the spawn fail (ENOENT), as a pod could not start there.
+    let ns = ns.map_err(|e| e.raw_os_error().unwrap_or(libc::ENOENT));
+    // SAFETY: between fork and exec only setns(2) runs, an async-signal-safe system call on a
+    // descriptor opened before the fork; nothing allocates or takes a lock.
+    unsafe {
+        cmd.pre_exec(move || match &ns {
+            Ok(ns) => {
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWPID).map_err(io::Error::from)
+            }
+            Err(code) => Err(io::Error::from_raw_os_error(*code)),
+        });
+    }
     cmd
 }
 

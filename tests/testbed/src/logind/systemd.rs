@@ -540,37 +540,6 @@ impl SystemdNode {
         run_checked(cmd, Duration::from_secs(30)).await
     }
 
-    /// Shell command that starts this node's power-off (for `TESTBED_POWEROFF`).
-    pub fn poweroff_shell_command(&self) -> String {
-        format!(
-            "nsenter --target={} --all -- systemctl poweroff",
-            self.pid()
-        )
-    }
-
-    /// Shell command that starts this node's reboot (for `TESTBED_REBOOT`).
-    pub fn reboot_shell_command(&self) -> String {
-        format!("nsenter --target={} --all -- systemctl reboot", self.pid())
-    }
-
-    /// Shell command that blocks until the current boot printed `Shutting down.` and prints
-    /// that moment as `<unix seconds.nanos>` (for `TESTBED_WAIT_POWEROFF`).
-    pub fn wait_poweroff_shell_command(&self) -> String {
-        let after = self
-            .console()
-            .iter()
-            .filter(|l| l.boot < self.boots)
-            .count();
-        format!(
-            "{} {} {}",
-            crate::paths::scripts_dir()
-                .join("ct-wait-poweroff.sh")
-                .display(),
-            self.console_log_path().display(),
-            after
-        )
-    }
-
     async fn start_power_action(&self, verb: &str) -> Result<(), LogindError> {
         let boot = self.current()?;
         if boot.exit.is_some() {
@@ -774,6 +743,24 @@ impl LogindNode for SystemdNode {
 
     async fn list_inhibitors(&self) -> Result<Vec<Inhibitor>, LogindError> {
         read_inhibitors(&self.bus_address()).await
+    }
+
+    /// Waits for the current boot's `Shutting down.` in the node's console log
+    /// (`scripts/ct-wait-poweroff.sh`).
+    fn wait_poweroff_shell_command(&self) -> String {
+        let earlier_boots = self
+            .console()
+            .iter()
+            .filter(|l| l.boot < self.boots)
+            .count();
+        format!(
+            "{} {} {}",
+            crate::paths::scripts_dir()
+                .join("ct-wait-poweroff.sh")
+                .display(),
+            self.console_log_path().display(),
+            earlier_boots
+        )
     }
 }
 
