@@ -87,20 +87,9 @@ pub async fn holds_lock(bed: &Bed) -> bool {
         .unwrap_or(false)
 }
 
-/// Watches logind's inhibitor list (from logind's side) and returns the moment shutdown-guard's
-/// lock disappeared, polling every 5 ms for at most `timeout`.
+/// The moment logind stopped listing shutdown-guard's lock.
 pub async fn observe_release(bed: &Bed, timeout: Duration) -> Option<SystemTime> {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        match bed.list_inhibitors().await {
-            Ok(list) if !list.iter().any(|i| i.who == WHO) => return Some(SystemTime::now()),
-            Ok(_) => {}
-            // logind has gone with the node: the lock is gone too.
-            Err(_) => return Some(SystemTime::now()),
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    None
+    bed.observe_release(WHO, timeout).await
 }
 
 /// The audit log's entries, in order.

@@ -244,7 +244,7 @@ impl Bed {
         };
         bed.ctl = Some(crate::ctl::CtlServer::start(
             bed.control_plane.dir(),
-            bed.logind.clone(),
+            &bed.logind,
         )?);
         Ok(bed)
     }
@@ -310,6 +310,23 @@ impl Bed {
 
     pub async fn list_inhibitors(&self) -> Result<Vec<Inhibitor>, BedError> {
         Ok(self.logind.read().await.list_inhibitors().await?)
+    }
+
+    /// Watches logind's inhibitor list from logind's side and returns the moment no lock of
+    /// `who` is listed any more (or logind is gone with the node), polling every 5 ms for at
+    /// most `timeout`. logind announces no inhibitor changes on the bus, so polling is the
+    /// only outside view.
+    pub async fn observe_release(&self, who: &str, timeout: Duration) -> Option<SystemTime> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            match self.list_inhibitors().await {
+                Ok(list) if !list.iter().any(|i| i.who == who) => return Some(SystemTime::now()),
+                Ok(_) => {}
+                Err(_) => return Some(SystemTime::now()),
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        None
     }
 
     /// Reboots node-1 (systemd only) and boots it again with a new boot ID, which the kubelet

@@ -8,7 +8,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -34,7 +34,9 @@ impl Drop for CtlServer {
 }
 
 impl CtlServer {
-    pub fn start(dir: &Path, logind: Arc<RwLock<NodeLogind>>) -> Result<Self, BedError> {
+    /// Serves `logind` without owning it: the bed tears the node down whatever the server does.
+    pub fn start(dir: &Path, logind: &Arc<RwLock<NodeLogind>>) -> Result<Self, BedError> {
+        let logind: Weak<RwLock<NodeLogind>> = Arc::downgrade(logind);
         let io = |what: &str| {
             let what = what.to_owned();
             move |source| BedError::Io { what, source }
@@ -68,7 +70,10 @@ impl CtlServer {
                     if BufReader::new(read).read_line(&mut line).await.is_err() {
                         return;
                     }
-                    let answer = serve(line.trim(), &logind).await;
+                    let answer = match logind.upgrade() {
+                        Some(logind) => serve(line.trim(), &logind).await,
+                        None => "error: the bed is shutting down".to_owned(),
+                    };
                     let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
                 });
             }

@@ -196,13 +196,15 @@ async fn demo_on(bed: &Bed, agent: &Path, args: &DemoArgs) -> Result<ExitCode> {
     let t0 = SystemTime::now();
     bed.poweroff().await.context("starting the power-off")?;
 
-    let wait = bed.wait_poweroff(Duration::from_secs(args.inhibit_delay_max_sec + 60));
+    let limit = Duration::from_secs(args.inhibit_delay_max_sec + 60);
+    let release = bed.observe_release("shutdown-guard", limit);
+    let wait = async { tokio::join!(release, bed.wait_poweroff(limit)) };
     let mut wait = std::pin::pin!(wait);
     let mut shown: BTreeMap<String, String> = BTreeMap::new();
     let began = Instant::now();
-    let powered_off = loop {
+    let (released, powered_off) = loop {
         tokio::select! {
-            at = &mut wait => break at.context("waiting for node-1 to power off")?,
+            (released, at) = &mut wait => break (released, at.context("waiting for node-1 to power off")?),
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
         print_progress(&recorder, &mut shown, began);
@@ -236,8 +238,11 @@ async fn demo_on(bed: &Bed, agent: &Path, args: &DemoArgs) -> Result<ExitCode> {
             rows.push((e.received, format!("eviction of {} → HTTP {}", e.pod, e.code)));
         }
     }
+    if let Some(at) = released {
+        rows.push((at, "shutdown-guard's lock gone from logind's ListInhibitors".into()));
+    }
     if let Some(at) = agent_release_time(&log_path) {
-        rows.push((at, "lock released (agent's log)".into()));
+        rows.push((at, "lock fd closed (agent's own log)".into()));
     }
     rows.push((powered_off, "node-1 powered off (systemd: Shutting down.)".into()));
     rows.sort_by_key(|(at, _)| *at);
@@ -290,7 +295,7 @@ fn agent_release_time(log: &Path) -> Option<SystemTime> {
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|v| {
-            v.pointer("/fields/message")
+            v.get("message")
                 .and_then(|m| m.as_str())
                 .is_some_and(|m| m.contains("lock released"))
         })

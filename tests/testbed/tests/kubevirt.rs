@@ -161,6 +161,30 @@ async fn reference_drain_migrates_live_vmis_and_stops_the_others() -> Result<()>
             "{name} still marked for evacuation"
         );
     }
+    // Short names and printer columns work for kubectl users.
+    let table = kubectl(
+        &bed.plane,
+        &["get", "vmi", "-o", "wide"],
+        Duration::from_secs(30),
+    )
+    .await?;
+    ensure!(table.success, "kubectl get vmi failed:\n{}", table.text);
+    let header = table.text.lines().next().unwrap_or_default();
+    ensure!(
+        header.contains("PHASE")
+            && header.contains("NODENAME")
+            && header.contains("LIVE-MIGRATABLE"),
+        "{}",
+        table.text
+    );
+    ensure!(
+        table
+            .text
+            .lines()
+            .any(|l| l.starts_with("none-1") && l.contains("Succeeded")),
+        "{}",
+        table.text
+    );
     let stopped = vmis.get("none-1").await?;
     ensure!(
         stopped.phase() == "Succeeded",

@@ -300,8 +300,12 @@ impl Migration {
             target_pod.clone(),
             created.metadata.uid.clone().unwrap_or_default(),
         ));
+        // A fresh state per migration, as the hand-off does upstream: the nulls clear what an
+        // earlier migration left behind (this is merged into the VMI's status).
         self.state = json!({"migrationUid": self.uid, "sourceNode": source_node, "targetNode": target_node,
-                            "sourcePod": source_pod_name, "targetPod": target_pod});
+                            "sourcePod": source_pod_name, "targetPod": target_pod,
+                            "startTimestamp": null, "endTimestamp": null, "completed": false,
+                            "failed": false, "failureReason": null});
 
         // Scheduled: the target pod runs.
         let running_by = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -376,6 +380,16 @@ impl Migration {
         }))
         .await;
         self.ctx.workloads.exit(&source_pod_uid, 0);
+        // Upstream the migration controller reports Succeeded only after its VMI informer
+        // shows the hand-over; keep that order, or the evacuation controller could see the
+        // migration finished next to a stale VMI still marked on the source node and
+        // migrate it again.
+        let seen_by = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < seen_by
+            && self.vmi().is_some_and(|v| v.node_name() != Some(target_node.as_str()))
+        {
+            self.ctx.changed(Duration::from_millis(200)).await;
+        }
         Outcome::Succeeded
     }
 
