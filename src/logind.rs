@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::{Notify, mpsc};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use zbus::Connection;
 use zbus::zvariant::OwnedValue;
 
@@ -61,6 +61,7 @@ pub trait Systemd {
 }
 
 pub const WHO: &str = "shutdown-guard";
+const LOGIND: &str = "org.freedesktop.login1";
 
 pub fn why(node: &str) -> String {
     format!("Moving the KubeVirt VMs of node {node} away before it shuts down")
@@ -85,8 +86,26 @@ pub enum LogindEvent {
 pub enum LogindError {
     #[error("D-Bus: {0}")]
     Bus(#[from] zbus::Error),
+    #[error("D-Bus: {0}")]
+    Fdo(#[from] zbus::fdo::Error),
     #[error("reloading logind: {0}")]
     Reload(String),
+    #[error("no answer from the bus within {0:?} ({1})")]
+    Timeout(Duration, &'static str),
+}
+
+/// A bus that accepts calls but never answers (a dbus-daemon mid-restart) must not wedge the
+/// agent: every call gets this long, then the session starts over.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn bounded<T, E: Into<LogindError>>(
+    what: &'static str,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, LogindError> {
+    match tokio::time::timeout(CALL_TIMEOUT, f).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err(LogindError::Timeout(CALL_TIMEOUT, what)),
+    }
 }
 
 /// The lock's fd and whether the agent wants it held, shared between the agent and the task
@@ -172,7 +191,7 @@ async fn hold(node: String, ctl: LockControl, events: mpsc::UnboundedSender<Logi
     loop {
         let c = match &conn {
             Some(c) => c.clone(),
-            None => match Connection::system().await {
+            None => match bounded("connect", Connection::system()).await {
                 Ok(c) => {
                     conn = Some(c.clone());
                     c
@@ -218,26 +237,54 @@ async fn session(
     ctl: &LockControl,
     events: &mpsc::UnboundedSender<LogindEvent>,
 ) -> Result<Ended, LogindError> {
-    let proxy = ManagerProxy::builder(conn)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await?;
-    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
-    let mut owner = dbus
-        .receive_name_owner_changed_with_args(&[(0, "org.freedesktop.login1")])
-        .await?;
+    let proxy = bounded(
+        "logind proxy",
+        ManagerProxy::builder(conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build(),
+    )
+    .await?;
+    let dbus = bounded("bus proxy", zbus::fdo::DBusProxy::new(conn)).await?;
+    let mut owner = bounded(
+        "subscribe NameOwnerChanged",
+        dbus.receive_name_owner_changed_with_args(&[(0, LOGIND)]),
+    )
+    .await?;
     // Subscribed before the lock is taken, so a shutdown starting in between is not missed.
-    let mut plain = proxy.receive_prepare_for_shutdown().await?;
-    let mut with_meta = proxy.receive_prepare_for_shutdown_with_metadata().await?;
+    let mut plain = bounded(
+        "subscribe PrepareForShutdown",
+        proxy.receive_prepare_for_shutdown(),
+    )
+    .await?;
+    let mut with_meta = bounded(
+        "subscribe PrepareForShutdownWithMetadata",
+        proxy.receive_prepare_for_shutdown_with_metadata(),
+    )
+    .await?;
 
-    let name: zbus::names::BusName<'_> = "org.freedesktop.login1"
-        .try_into()
-        .map_err(zbus::Error::from)?;
-    if !dbus.name_has_owner(name.clone()).await.unwrap_or(false) {
-        // Wait for logind to come (back) rather than polling it.
-        tokio::select! {
-            _ = owner.next() => return Ok(Ended::OwnerChanged),
-            _ = conn.closed() => return Ok(Ended::BusClosed),
+    let name: zbus::names::BusName<'_> = LOGIND.try_into().map_err(zbus::Error::from)?;
+    if !bounded("NameHasOwner", dbus.name_has_owner(name)).await? {
+        // logind is gone (a restart, or the bus came back without it). Ask the bus to start it
+        // (systemd-logind is bus-activatable; after a dbus restart nothing else may), then wait
+        // for its name to appear rather than polling.
+        info!(node = %node, "waiting for logind on the bus");
+        let wk: zbus::names::WellKnownName<'_> = LOGIND.try_into().map_err(zbus::Error::from)?;
+        let activation = dbus.start_service_by_name(wk, 0);
+        tokio::pin!(activation);
+        let mut activation_done = false;
+        loop {
+            tokio::select! {
+                _ = owner.next() => return Ok(Ended::OwnerChanged),
+                _ = conn.closed() => return Ok(Ended::BusClosed),
+                r = &mut activation, if !activation_done => {
+                    activation_done = true;
+                    match r {
+                        // Started, or it appeared meanwhile: go and take the lock.
+                        Ok(_) => return Ok(Ended::OwnerChanged),
+                        Err(e) => debug!(node = %node, error = %e, "logind could not be activated; waiting for it"),
+                    }
+                }
+            }
         }
     }
 
@@ -294,12 +341,14 @@ async fn take(
     ctl: &LockControl,
     events: &mpsc::UnboundedSender<LogindEvent>,
 ) -> Result<(), LogindError> {
-    let fd: OwnedFd = proxy
-        .inhibit("shutdown", WHO, &why(node), "delay")
+    let why = why(node);
+    let fd: OwnedFd = bounded("Inhibit", proxy.inhibit("shutdown", WHO, &why, "delay"))
         .await?
         .into();
-    let delay_usec = proxy.inhibit_delay_max_usec().await?;
-    let preparing = proxy.preparing_for_shutdown().await.unwrap_or(false);
+    let delay_usec = bounded("InhibitDelayMaxUSec", proxy.inhibit_delay_max_usec()).await?;
+    let preparing = bounded("PreparingForShutdown", proxy.preparing_for_shutdown())
+        .await
+        .unwrap_or(false);
     if !ctl.store(fd) {
         return Ok(());
     }

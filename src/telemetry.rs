@@ -1,4 +1,5 @@
-//! Structured logs: JSON lines (one object per event, fields at the top level) or text.
+//! Structured logs on stderr: JSON lines (one object per event, fields at the top level) or
+//! text (colour only on a terminal).
 
 use tracing_subscriber::EnvFilter;
 
@@ -10,6 +11,7 @@ pub fn init(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let _ = match format {
         LogFormat::Json => builder

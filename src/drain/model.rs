@@ -94,11 +94,6 @@ impl VmiInfo {
         }
     }
 
-    /// A migration away from this node that has failed (KubeVirt backs off and retries it).
-    pub fn migration_failed(&self) -> bool {
-        self.migration.as_ref().is_some_and(|m| m.failed)
-    }
-
     pub fn from_dynamic(obj: &DynamicObject) -> Option<Self> {
         #[derive(Deserialize, Default)]
         #[serde(rename_all = "camelCase")]

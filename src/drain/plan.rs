@@ -36,24 +36,6 @@ pub struct Plan {
     pub skipped: Vec<(PodRef, SkipReason)>,
 }
 
-/// Launcher pods of the VMIs in `vmis` that run on `node`, keyed by VMI UID.
-pub fn launcher_pods_by_vmi<'a>(
-    node: &str,
-    pods: impl IntoIterator<Item = &'a PodInfo>,
-) -> HashMap<String, Vec<&'a PodInfo>> {
-    let mut by_vmi: HashMap<String, Vec<&PodInfo>> = HashMap::new();
-    for p in pods {
-        if p.is_launcher
-            && !p.is_finished()
-            && p.node_name.as_deref() == Some(node)
-            && let Some(uid) = &p.created_by
-        {
-            by_vmi.entry(uid.clone()).or_default().push(p);
-        }
-    }
-    by_vmi
-}
-
 pub fn plan<'a>(
     node: &str,
     scope: Scope,

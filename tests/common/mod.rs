@@ -94,7 +94,7 @@ pub async fn observe_release(bed: &Bed, timeout: Duration) -> Option<SystemTime>
 
 /// The audit log's entries, in order.
 pub fn audit(bed: &Bed) -> Vec<AuditEntry> {
-    audit_entries(bed.control_plane.audit_log_path())
+    audit_entries(&bed.control_plane)
 }
 
 /// When the API server finished the last write to `vmi` (`ns/name`) that it received at or

@@ -353,7 +353,7 @@ impl Bed {
             control_plane,
             ..
         } = self;
-        drop(kubevirt);
+        kubevirt.shutdown().await?;
         drop(kubelet);
         drop(logind);
         control_plane.shutdown().await?;

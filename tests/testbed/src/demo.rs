@@ -233,7 +233,7 @@ async fn demo_on(bed: &Bed, agent: &Path, args: &DemoArgs) -> Result<ExitCode> {
             rows.push((s.at, text));
         }
     }
-    for e in audit_evictions(bed.control_plane.audit_log_path()) {
+    for e in audit_evictions(&bed.control_plane) {
         if e.received >= t0 {
             rows.push((e.received, format!("eviction of {} → HTTP {}", e.pod, e.code)));
         }

@@ -15,3 +15,4 @@ pub mod bed;
 pub mod ctl;
 pub mod timeline;
 pub mod demo;
+pub mod bench;

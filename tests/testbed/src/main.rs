@@ -34,6 +34,9 @@ enum Command {
     /// Build what is needed, start the bed with mixed VMs, run shutdown-guard for node-1, power
     /// node-1 off and show what happened.
     Demo(testbed::demo::DemoArgs),
+    /// Measure shutdown-guard against kubectl drain, its latencies, footprint and API cost;
+    /// print a table and write BENCHMARKS.md.
+    Bench(testbed::bench::BenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -106,6 +109,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run { bed, cmd } => run_cmd(bed, cmd).await,
         Command::Up { bed } => up(bed).await,
         Command::Demo(args) => testbed::demo::run(args).await,
+        Command::Bench(args) => testbed::bench::run(args).await,
     }
 }
 

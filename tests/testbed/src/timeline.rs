@@ -6,7 +6,6 @@
 //! the agent's own logs.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -17,6 +16,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 use tokio::task::JoinHandle;
 
+use crate::controlplane::{AuditEvent, ControlPlane};
 use crate::kubevirt::{VirtualMachineInstance, VirtualMachineInstanceMigration};
 
 /// One observed change.
@@ -360,8 +360,8 @@ pub struct AuditEviction {
 }
 
 /// Every `create pods/eviction` the API server answered, from its audit log.
-pub fn audit_evictions(audit_log: &Path) -> Vec<AuditEviction> {
-    audit_entries(audit_log)
+pub fn audit_evictions(cp: &ControlPlane) -> Vec<AuditEviction> {
+    audit_entries(cp)
         .into_iter()
         .filter(|e| e.resource == "pods" && e.subresource == "eviction" && e.verb == "create")
         .map(|e| AuditEviction {
@@ -373,7 +373,7 @@ pub fn audit_evictions(audit_log: &Path) -> Vec<AuditEviction> {
         .collect()
 }
 
-/// The fields of one audit event that the bed reads.
+/// A completed request from the audit log, flattened for matching in tests.
 #[derive(Clone, Debug)]
 pub struct AuditEntry {
     pub verb: String,
@@ -383,34 +383,34 @@ pub struct AuditEntry {
     pub name: String,
     pub user: String,
     pub code: u16,
+    /// When the API server received the request (`requestReceivedTimestamp`).
     pub received: SystemTime,
-    pub stage: String,
 }
 
-pub fn audit_entries(audit_log: &Path) -> Vec<AuditEntry> {
-    let Ok(text) = std::fs::read_to_string(audit_log) else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter_map(|v| {
-            let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).unwrap_or("").to_owned();
-            let received: DateTime<Utc> = s("/requestReceivedTimestamp").parse().ok()?;
-            Some(AuditEntry {
-                verb: s("/verb"),
-                resource: s("/objectRef/resource"),
-                subresource: s("/objectRef/subresource"),
-                namespace: s("/objectRef/namespace"),
-                name: s("/objectRef/name"),
-                user: s("/user/username"),
-                code: v
-                    .pointer("/responseStatus/code")
-                    .and_then(|c| c.as_u64())
-                    .unwrap_or(0) as u16,
-                received: received.into(),
-                stage: s("/stage"),
-            })
+impl AuditEntry {
+    fn from_event(e: &AuditEvent) -> Option<Self> {
+        let received: DateTime<Utc> = e.request_received_timestamp.parse().ok()?;
+        let r = e.object_ref.clone().unwrap_or_default();
+        Some(Self {
+            verb: e.verb.clone(),
+            resource: r.resource,
+            subresource: r.subresource.unwrap_or_default(),
+            namespace: r.namespace.unwrap_or_default(),
+            name: r.name.unwrap_or_default(),
+            user: e.user.username.clone(),
+            code: e.code().unwrap_or(0),
+            received: received.into(),
         })
+    }
+}
+
+/// The completed requests of the plane's audit log, in order (an unreadable log reads as empty).
+pub fn audit_entries(cp: &ControlPlane) -> Vec<AuditEntry> {
+    cp.audit_events()
+        .unwrap_or_default()
+        .iter()
+        .filter(|e| e.stage == "ResponseComplete")
+        .filter_map(AuditEntry::from_event)
         .collect()
 }
 

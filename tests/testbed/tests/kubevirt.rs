@@ -35,6 +35,8 @@ struct Bed {
     kubelet: KubeletSim,
     client: Client,
     plane: ControlPlane,
+    /// When the nodes were registered.
+    nodes_since: std::time::Instant,
 }
 
 async fn bed() -> Result<Bed> {
@@ -47,6 +49,13 @@ async fn bed() -> Result<Bed> {
 }
 
 async fn bed_with(opts: KubeVirtOptions) -> Result<Bed> {
+    bed_with_plane(opts, ControlPlaneOptions::default()).await
+}
+
+/// The node-lifecycle controller's grace periods, shortened so a test can outlast them.
+const NODE_GRACE: Duration = Duration::from_secs(20);
+
+async fn bed_with_plane(opts: KubeVirtOptions, plane: ControlPlaneOptions) -> Result<Bed> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -54,9 +63,10 @@ async fn bed_with(opts: KubeVirtOptions) -> Result<Bed> {
         )
         .with_test_writer()
         .try_init();
-    let plane = ControlPlane::start(ControlPlaneOptions::default()).await?;
+    let plane = ControlPlane::start(plane).await?;
     let client = plane.client().await?;
     let kubelet = KubeletSim::spawn_n(client.clone(), 3).await?;
+    let nodes_since = std::time::Instant::now();
     let opts = KubeVirtOptions {
         webhook_tls: Some(WebhookTls::issued_by(plane.ca())?),
         ..opts
@@ -67,6 +77,7 @@ async fn bed_with(opts: KubeVirtOptions) -> Result<Bed> {
         client,
         kubelet,
         kubevirt,
+        nodes_since,
     })
 }
 
@@ -221,7 +232,18 @@ async fn reference_drain_migrates_live_vmis_and_stops_the_others() -> Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_with_a_non_migratable_vmi_times_out_on_429s() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let bed = bed().await?;
+    let grace = format!("{}s", NODE_GRACE.as_secs());
+    let bed = bed_with_plane(
+        KubeVirtOptions::default(),
+        ControlPlaneOptions {
+            extra_controller_manager_args: vec![
+                format!("--node-monitor-grace-period={grace}"),
+                format!("--node-startup-grace-period={grace}"),
+            ],
+            ..ControlPlaneOptions::default()
+        },
+    )
+    .await?;
     bed.kubevirt
         .create_vmis("default", "node-1", &"stuck=1".parse()?)
         .await?;
@@ -260,6 +282,40 @@ async fn drain_with_a_non_migratable_vmi_times_out_on_429s() -> Result<()> {
         "{:?}",
         vmi.status
     );
+
+    // The kubelet sim's leases and heartbeats keep the real node-lifecycle controller content
+    // past its (shortened) grace periods: no node went NotReady/Unknown or got tainted.
+    let outlast = NODE_GRACE + Duration::from_secs(10);
+    if let Some(rest) = outlast.checked_sub(bed.nodes_since.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    for node in Api::<Node>::all(bed.client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+    {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let taints = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default();
+        ensure!(
+            taints
+                .iter()
+                .all(|t| t.key != "node.kubernetes.io/unreachable"
+                    && t.key != "node.kubernetes.io/not-ready"),
+            "{name} tainted: {taints:?}"
+        );
+        let ready = node
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.status);
+        ensure!(ready.as_deref() == Some("True"), "{name} Ready={ready:?}");
+    }
     Ok(())
 }
 

@@ -29,11 +29,19 @@ use super::launcher::{self, MIGRATION_TARGET_NODE_LABEL, NODE_NAME_LABEL};
 pub(crate) async fn run(ctx: Arc<Ctx>) {
     // Dropping the set (this task aborted) aborts every migration task.
     let mut running = JoinSet::new();
+    // One task per migration, ever: a finished task's final phase may not be in the cache
+    // yet, and the migration must not start over.
     let mut tasks: HashMap<String, AbortHandle> = HashMap::new();
     loop {
         while running.try_join_next().is_some() {}
-        tasks.retain(|_, t| !t.is_finished());
-        for m in ctx.vmims.state() {
+        let migrations = ctx.vmims.state();
+        tasks.retain(|uid, task| {
+            !task.is_finished()
+                || migrations
+                    .iter()
+                    .any(|m| m.metadata.uid.as_deref() == Some(uid) && !m.is_final())
+        });
+        for m in migrations {
             let uid = m.metadata.uid.clone().unwrap_or_default();
             if m.is_final() || m.metadata.deletion_timestamp.is_some() || tasks.contains_key(&uid) {
                 continue;
@@ -386,7 +394,9 @@ impl Migration {
         // migrate it again.
         let seen_by = tokio::time::Instant::now() + Duration::from_secs(10);
         while tokio::time::Instant::now() < seen_by
-            && self.vmi().is_some_and(|v| v.node_name() != Some(target_node.as_str()))
+            && self
+                .vmi()
+                .is_some_and(|v| v.node_name() != Some(target_node.as_str()))
         {
             self.ctx.changed(Duration::from_millis(200)).await;
         }

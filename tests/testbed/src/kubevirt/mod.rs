@@ -10,7 +10,7 @@ pub mod admitter;
 pub mod crds;
 pub mod evacuation;
 pub mod launcher;
-pub mod lifecycle;
+mod lifecycle;
 pub mod migration;
 pub mod webhook;
 
@@ -73,8 +73,8 @@ pub struct FailureInjection {
 
 #[derive(Clone, Debug)]
 pub struct KubeVirtOptions {
-    /// Time from a migration's creation to its success (phases before Running take a tenth
-    /// each, Running the remaining half).
+    /// Time from a migration's admission to its success: Scheduling, Scheduled,
+    /// PreparingTarget and TargetReady take a tenth each, Running the rest.
     pub migration_duration: Duration,
     /// Time a VMI takes to shut down (ACPI) after its launcher pod is deleted or evicted;
     /// capped by the pod's grace period.
@@ -339,6 +339,20 @@ impl KubeVirtSim {
         webhook::register(&sim.client, sim.webhook_port, &tls.ca_bundle_pem).await?;
         webhook::wait_effective(&sim.client, &sim.webhook_requests).await?;
         Ok(sim)
+    }
+
+    /// Unregisters the webhook, then stops everything (as uninstalling virt-operator would),
+    /// so evictions of virt-launcher pods no longer fail once the sim is gone.
+    pub async fn shutdown(self) -> Result<(), KubeVirtError> {
+        use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+        let deleted = Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
+            .delete(webhook::CONFIGURATION_NAME, &Default::default())
+            .await;
+        match deleted {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(api_err("unregistering the eviction webhook")(e)),
+        }
     }
 
     pub fn webhook_url(&self) -> String {

@@ -156,9 +156,10 @@ pub trait LogindNode {
     fn wait_poweroff_shell_command(&self) -> String;
 }
 
+/// No reply awaited: without locks the node may be gone before logind's answer arrives.
 fn login1_call_shell(address: &str, method: &str) -> String {
     format!(
-        "busctl --address={address} call {LOGIN1} {LOGIN1_PATH} {LOGIN1_MANAGER} {method} b false"
+        "busctl --expect-reply=no --address={address} call {LOGIN1} {LOGIN1_PATH} {LOGIN1_MANAGER} {method} b false"
     )
 }
 

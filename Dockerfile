@@ -1,0 +1,53 @@
+# syntax=docker/dockerfile:1
+# shutdown-guard: one static (musl) binary on an empty base image.
+#
+#   docker build -t shutdown-guard:0.1.0 .
+#
+# The build stage runs exactly:
+#   CC_x86_64_unknown_linux_musl=musl-gcc \
+#   cargo build --release --locked --target x86_64-unknown-linux-musl -p shutdown-guard --bin shutdown-guard
+# (ring compiles C and assembly, hence musl-gcc.) The profile in Cargo.toml (lto, one codegen
+# unit, strip, panic=abort, opt-level s) keeps the binary small.
+
+ARG RUST_VERSION=1.95
+
+FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends musl-tools \
+ && rm -rf /var/lib/apt/lists/* \
+ && rustup target add x86_64-unknown-linux-musl
+WORKDIR /src
+# Manifests first, so the dependency download is cached apart from source changes.
+COPY Cargo.toml Cargo.lock ./
+COPY tests/testbed/Cargo.toml tests/testbed/Cargo.toml
+COPY . .
+ENV CC_x86_64_unknown_linux_musl=musl-gcc \
+    CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_LINKER=musl-gcc
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --target x86_64-unknown-linux-musl \
+        -p shutdown-guard --bin shutdown-guard \
+ && install -D -m 0555 target/x86_64-unknown-linux-musl/release/shutdown-guard /out/shutdown-guard
+
+FROM scratch
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+LABEL org.opencontainers.image.title="shutdown-guard" \
+      org.opencontainers.image.description="Holds a node's shutdown with a systemd-logind delay lock until its KubeVirt VMs have migrated or stopped" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://example.invalid/shutdown-guard" \
+      org.opencontainers.image.documentation="https://example.invalid/shutdown-guard/docs/operator-guide.md" \
+      org.opencontainers.image.base.name="scratch"
+COPY --from=build /out/shutdown-guard /usr/local/bin/shutdown-guard
+# uid 0, but the DaemonSet drops every capability, forbids privilege escalation and mounts the
+# root filesystem read-only. logind lets uid 0 take a delay lock without polkit; a non-root uid
+# needs polkitd on the host and a uid the host's dbus-daemon can resolve, which Kubernetes
+# nodes do not promise (measured: docs/operator-guide.md, "Why root without capabilities").
+USER 0:0
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/shutdown-guard"]
+CMD ["run"]
