@@ -21,8 +21,10 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY tests/testbed/Cargo.toml tests/testbed/Cargo.toml
 COPY . .
-ENV CC_x86_64_unknown_linux_musl=musl-gcc \
-    CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_LINKER=musl-gcc
+# musl-gcc compiles ring's C and assembly only. Linking stays with Rust's default for the
+# target (self-contained musl CRT, static PIE): musl-gcc as the linker gives a binary that
+# crashes at start.
+ENV CC_x86_64_unknown_linux_musl=musl-gcc
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --target x86_64-unknown-linux-musl \

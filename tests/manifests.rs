@@ -29,7 +29,7 @@ use testbed::controlplane::{
 };
 use testbed::kubevirt::KubeVirtOptions;
 use testbed::logind::Inhibitor;
-use testbed::timeline::{Change, Recorder};
+use testbed::timeline::{AuditEntry, Change, Recorder, audit_entries};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_shutdown-guard");
 const WHO: &str = "shutdown-guard";
@@ -55,7 +55,12 @@ fn manifests_dir() -> PathBuf {
 /// `kubectl apply --server-side -k manifests/` with the bed's kubectl (kustomize built in).
 async fn apply_manifests(cp: &ControlPlane) {
     let out = tokio::process::Command::from(cp.kubectl())
-        .args(["apply", "--server-side", "--field-manager=shutdown-guard-test", "-k"])
+        .args([
+            "apply",
+            "--server-side",
+            "--field-manager=shutdown-guard-test",
+            "-k",
+        ])
         .arg(manifests_dir())
         .stdin(Stdio::null())
         .output()
@@ -127,9 +132,11 @@ async fn manifests_apply_server_side_and_the_daemonset_is_what_the_agent_needs()
     assert_ne!(pod.host_pid, Some(true), "no host PID namespace");
     let tolerations = pod.tolerations.clone().unwrap_or_default();
     assert!(
-        tolerations.iter().any(|t| t.operator.as_deref() == Some("Exists")
-            && t.key.is_none()
-            && t.effect.is_none()),
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists")
+                && t.key.is_none()
+                && t.effect.is_none()),
         "a toleration of every taint (operator Exists, no key, no effect): {tolerations:?}"
     );
 
@@ -177,18 +184,27 @@ async fn manifests_apply_server_side_and_the_daemonset_is_what_the_agent_needs()
         Some("unix:path=/run/dbus/system_bus_socket")
     );
 
-    let sc = c.security_context.clone().expect("container securityContext");
+    let sc = c
+        .security_context
+        .clone()
+        .expect("container securityContext");
     assert_eq!(sc.read_only_root_filesystem, Some(true));
     assert_eq!(sc.allow_privilege_escalation, Some(false));
     assert_ne!(sc.privileged, Some(true));
     let caps = sc.capabilities.expect("capabilities");
     assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
-    assert!(caps.add.unwrap_or_default().is_empty(), "no capability added");
+    assert!(
+        caps.add.unwrap_or_default().is_empty(),
+        "no capability added"
+    );
 
     let res = c.resources.clone().expect("resources");
     for (what, m) in [("requests", &res.requests), ("limits", &res.limits)] {
         let m = m.as_ref().unwrap_or_else(|| panic!("no {what}"));
-        assert!(m.contains_key("cpu") && m.contains_key("memory"), "{what}: {m:?}");
+        assert!(
+            m.contains_key("cpu") && m.contains_key("memory"),
+            "{what}: {m:?}"
+        );
     }
 
     let port = c
@@ -266,7 +282,10 @@ async fn manifests_apply_server_side_and_the_daemonset_is_what_the_agent_needs()
                 let verbs = verbs.clone();
                 resources.clone().into_iter().flat_map(move |res| {
                     let g = g.clone();
-                    verbs.clone().into_iter().map(move |v| format!("{g}/{res}:{v}"))
+                    verbs
+                        .clone()
+                        .into_iter()
+                        .map(move |v| format!("{g}/{res}:{v}"))
                 })
             })
         })
@@ -290,6 +309,26 @@ async fn manifests_apply_server_side_and_the_daemonset_is_what_the_agent_needs()
     cp.shutdown().await.expect("control plane stops");
 }
 
+/// When the API server received the write that took `vmi` (`ns/name`) off node-1: the last
+/// write to it at or before `seen`, the moment the test's watch showed it gone. The test's own
+/// watch may see the change after the agent's did, so the server's time is the fair one to hold
+/// the lock's release against.
+fn left_node_at(entries: &[AuditEntry], vmi: &str, seen: SystemTime) -> SystemTime {
+    let (ns, name) = vmi.split_once('/').expect("ns/name");
+    entries
+        .iter()
+        .filter(|e| {
+            e.resource == "virtualmachineinstances"
+                && e.namespace == ns
+                && e.name == name
+                && matches!(e.verb.as_str(), "update" | "patch" | "delete")
+                && e.received <= seen
+        })
+        .map(|e| e.received)
+        .max()
+        .unwrap_or(seen)
+}
+
 /// Waits (bounded) for the DaemonSet's pod on `node`, placed by the real scheduler.
 async fn daemonset_pod(client: &Client, node: &str) -> Pod {
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
@@ -298,7 +337,14 @@ async fn daemonset_pod(client: &Client, node: &str) -> Pod {
         .fields(&format!("spec.nodeName={node}"));
     let end = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some(p) = pods.list(&lp).await.expect("list pods").items.into_iter().next() {
+        if let Some(p) = pods
+            .list(&lp)
+            .await
+            .expect("list pods")
+            .items
+            .into_iter()
+            .next()
+        {
             return p;
         }
         assert!(
@@ -391,7 +437,9 @@ async fn the_daemonset_identity_drains_its_node_and_is_refused_elsewhere() {
         .control_plane
         .write_kubeconfig("shutdown-guard-sa", SA_USER, &Credentials::Token(token))
         .expect("kubeconfig");
-    let sa = client_from_kubeconfig(&kubeconfig).await.expect("SA client");
+    let sa = client_from_kubeconfig(&kubeconfig)
+        .await
+        .expect("SA client");
     let review = Api::<SelfSubjectReview>::all(sa.clone())
         .create(&PostParams::default(), &SelfSubjectReview::default())
         .await
@@ -444,22 +492,32 @@ async fn the_daemonset_identity_drains_its_node_and_is_refused_elsewhere() {
         .unwrap_or_else(|| panic!("node-1 never cordoned; agent log:\n{agent_log}"));
     assert!(cordoned >= requested);
     let departures = recorder.departures();
+    let entries = audit_entries(&bed.control_plane);
     for n in 1..=3 {
         let vmi = format!("default/live-{n}");
         match departures.get(&vmi) {
             Some((at, Change::Migrated { target, .. })) => {
                 assert_ne!(target, NODE);
-                assert!(*at <= released, "{vmi} migrated after the lock was released");
+                assert!(
+                    left_node_at(&entries, &vmi, *at) <= released.gone,
+                    "{vmi} migrated after the lock was released"
+                );
             }
             other => panic!("{vmi} did not migrate: {other:?}; agent log:\n{agent_log}"),
         }
     }
     match departures.get("default/none-1") {
-        Some((at, Change::Stopped { .. })) => assert!(*at <= released),
+        Some((at, Change::Stopped { .. })) => assert!(
+            left_node_at(&entries, "default/none-1", *at) <= released.gone,
+            "none-1 stopped after the lock was released"
+        ),
         other => panic!("none-1 did not stop: {other:?}; agent log:\n{agent_log}"),
     }
     assert!(recorder.vmis_on_node().is_empty(), "VMIs left on node-1");
-    assert!(powered_off >= released, "powered off before the release");
+    assert!(
+        powered_off >= released.last_held,
+        "powered off while logind still listed the lock"
+    );
 
     // Everything the agent asked for as the ServiceAccount was allowed: RBAC is sufficient.
     // (Read before the refusals below, which are made with the same identity.)
@@ -529,7 +587,10 @@ async fn the_daemonset_identity_drains_its_node_and_is_refused_elsewhere() {
             .expect_err("reading a Secret is refused"),
     ] {
         assert_eq!(api_code(&err), Some(403), "{err}");
-        assert!(api_message(&err).contains("cannot"), "an RBAC refusal: {err}");
+        assert!(
+            api_message(&err).contains("cannot"),
+            "an RBAC refusal: {err}"
+        );
     }
 
     // A token of the same ServiceAccount that is not bound to a pod carries no node: the
@@ -537,7 +598,11 @@ async fn the_daemonset_identity_drains_its_node_and_is_refused_elsewhere() {
     let unbound = sa_token(&admin, None).await;
     let kc = bed
         .control_plane
-        .write_kubeconfig("shutdown-guard-unbound", SA_USER, &Credentials::Token(unbound))
+        .write_kubeconfig(
+            "shutdown-guard-unbound",
+            SA_USER,
+            &Credentials::Token(unbound),
+        )
         .unwrap();
     let unbound = client_from_kubeconfig(&kc).await.unwrap();
     let err = Api::<Node>::all(unbound)
@@ -566,8 +631,7 @@ async fn only_uid_0_without_capabilities_gets_the_lock_on_a_node_without_polkit(
         let logind = bed.logind.read().await;
         let node = logind.systemd_ref().expect("a systemd node");
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(node.state_dir(), std::fs::Permissions::from_mode(0o711))
-            .unwrap();
+        std::fs::set_permissions(node.state_dir(), std::fs::Permissions::from_mode(0o711)).unwrap();
     }
     // A kubeconfig any uid can read; the lock comes before any API call anyway.
     let dir = tempfile::tempdir().unwrap();
@@ -613,10 +677,16 @@ async fn only_uid_0_without_capabilities_gets_the_lock_on_a_node_without_polkit(
         let _ = child.wait().await;
         // The next run must not see this one's lock.
         assert!(
-            bed.observe_release(WHO, Duration::from_secs(5)).await.is_some(),
+            bed.observe_release(WHO, Duration::from_secs(5))
+                .await
+                .is_some(),
             "uid {uid}'s lock outlived its process"
         );
-        outcomes.push((uid, got.map(|i| i.uid), std::fs::read_to_string(&log).unwrap_or_default()));
+        outcomes.push((
+            uid,
+            got.map(|i| i.uid),
+            std::fs::read_to_string(&log).unwrap_or_default(),
+        ));
     }
     let summary: Vec<String> = outcomes
         .iter()

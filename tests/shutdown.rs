@@ -19,26 +19,30 @@ use testbed::timeline::{Change, Recorder, secs_between};
 /// What one power-off looked like.
 struct Observed {
     requested: SystemTime,
-    released: SystemTime,
+    released: testbed::bed::Release,
     powered_off: SystemTime,
     recorder: Recorder,
 }
 
 /// Runs the agent on node-1, powers node-1 off and records what happened.
-async fn power_off_with_agent(bed: &Bed, agent_args: &[&str], timeout: Duration) -> (Observed, Agent) {
+async fn power_off_with_agent(
+    bed: &Bed,
+    agent_args: &[&str],
+    timeout: Duration,
+) -> (Observed, Agent) {
     let recorder = Recorder::start(bed.client(), NODE).await;
     let agent = Agent::spawn(bed, agent_args).await;
     wait_for_lock(bed, &agent, Duration::from_secs(30)).await;
 
     let requested = now();
     bed.poweroff().await.expect("power-off starts");
-    let released = observe_release(bed, timeout)
-        .await
-        .unwrap_or_else(|| panic!("lock still held after {timeout:?}; agent log:\n{}", agent.log_text()));
-    let powered_off = bed
-        .wait_poweroff(timeout)
-        .await
-        .expect("node-1 powers off");
+    let released = observe_release(bed, timeout).await.unwrap_or_else(|| {
+        panic!(
+            "lock still held after {timeout:?}; agent log:\n{}",
+            agent.log_text()
+        )
+    });
+    let powered_off = bed.wait_poweroff(timeout).await.expect("node-1 powers off");
     (
         Observed {
             requested,
@@ -76,8 +80,18 @@ async fn main_scenario(logind: LogindKind) {
         .recorder
         .first(|c| *c == Change::Cordoned)
         .unwrap_or_else(|| panic!("node-1 was never cordoned; agent log:\n{log}"));
-    assert!(cordoned >= o.requested, "cordoned before the shutdown began");
+    assert!(
+        cordoned >= o.requested,
+        "cordoned before the shutdown began"
+    );
 
+    let all = [
+        "default/live-1",
+        "default/live-2",
+        "default/live-3",
+        "default/none-1",
+    ];
+    o.recorder.wait_departed(&all, Duration::from_secs(5)).await;
     let departures = vmi_departures(&o);
     for n in 1..=3 {
         let vmi = format!("default/live-{n}");
@@ -87,7 +101,9 @@ async fn main_scenario(logind: LogindKind) {
         }
     }
     match departures.get("default/none-1") {
-        Some((_, Change::Stopped { phase, .. })) => assert_eq!(phase, "Succeeded", "None VM stopped gracefully"),
+        Some((_, Change::Stopped { phase, .. })) => {
+            assert_eq!(phase, "Succeeded", "None VM stopped gracefully")
+        }
         other => panic!("none-1 did not stop: {other:?}; agent log:\n{log}"),
     }
     assert!(o.recorder.vmis_on_node().is_empty(), "VMIs left on node-1");
@@ -100,10 +116,12 @@ async fn main_scenario(logind: LogindKind) {
         .expect("departures");
     let last_left = server_write_before(&entries, last_vmi, *last_seen)
         .expect("the audit log has the write that moved the last VMI");
-    let release_after = secs_between(last_left, o.released);
+    // The lock was gone only after the API server had the last VMI's departure: a release
+    // before it would show as `gone` earlier than the write.
+    let release_after = secs_between(last_left, o.released.gone);
     assert!(
         release_after >= 0.0,
-        "lock released {} before the last VMI ({last_vmi}) left node-1",
+        "lock gone {} before the last VMI ({last_vmi}) left node-1",
         secs(-release_after)
     );
     assert!(
@@ -112,8 +130,8 @@ async fn main_scenario(logind: LogindKind) {
         secs(release_after)
     );
     assert!(
-        o.powered_off >= o.released,
-        "node-1 powered off before the lock was released"
+        o.powered_off >= o.released.last_held,
+        "node-1 powered off while logind still listed the lock"
     );
     // Every launcher pod was evicted through the Eviction API.
     let evictions: Vec<_> = entries
@@ -124,14 +142,17 @@ async fn main_scenario(logind: LogindKind) {
         assert!(
             evictions.iter().any(|e| e.name.starts_with(pod_prefix)),
             "no eviction of {pod_prefix}*: {:?}",
-            evictions.iter().map(|e| (&e.name, e.code)).collect::<Vec<_>>()
+            evictions
+                .iter()
+                .map(|e| (&e.name, e.code))
+                .collect::<Vec<_>>()
         );
     }
     eprintln!(
         "main scenario ({logind:?}): cordon +{}, last VMI left +{}, lock released +{} ({} after), powered off +{}",
         secs(secs_between(o.requested, cordoned)),
         secs(secs_between(o.requested, last_left)),
-        secs(secs_between(o.requested, o.released)),
+        secs(secs_between(o.requested, o.released.gone)),
         secs(release_after),
         secs(secs_between(o.requested, o.powered_off)),
     );
@@ -164,15 +185,17 @@ async fn non_migratable_vm_is_stopped_before_the_deadline() {
         ..BedOptions::default()
     })
     .await;
-    let (o, agent) =
-        power_off_with_agent(&bed, &[], Duration::from_secs(limit + 20)).await;
+    let (o, agent) = power_off_with_agent(&bed, &[], Duration::from_secs(limit + 20)).await;
     let log = agent.log_text();
+    o.recorder
+        .wait_departed(&["default/stuck-1"], Duration::from_secs(5))
+        .await;
     let departures = vmi_departures(&o);
     match departures.get("default/stuck-1") {
         Some((_, Change::Stopped { phase, .. })) => assert_eq!(phase, "Succeeded"),
         other => panic!("stuck-1 did not stop gracefully: {other:?}; agent log:\n{log}"),
     }
-    let held = secs_between(o.requested, o.released);
+    let held = secs_between(o.requested, o.released.gone);
     assert!(
         held < limit as f64 - 1.0,
         "lock held {held:.1} s, not released before InhibitDelayMaxSec={limit}"
@@ -180,21 +203,34 @@ async fn non_migratable_vm_is_stopped_before_the_deadline() {
     // The stop was a graceful delete of the launcher pod, not a kill.
     let deletes: Vec<_> = audit(&bed)
         .into_iter()
-        .filter(|e| e.resource == "pods" && e.verb == "delete" && e.name.starts_with("virt-launcher-stuck-1") && e.received >= o.requested)
+        .filter(|e| {
+            e.resource == "pods"
+                && e.verb == "delete"
+                && e.name.starts_with("virt-launcher-stuck-1")
+                && e.received >= o.requested
+        })
         .collect();
-    assert!(!deletes.is_empty(), "the launcher pod of stuck-1 was not deleted");
-    let warned = o
-        .recorder
-        .changes()
-        .into_iter()
-        .any(|s| matches!(&s.change, Change::NodeWarning { message, .. } if message.contains("stuck-1")));
-    assert!(warned, "no Warning Event on node-1 naming stuck-1: {:?}", o.recorder.changes());
+    assert!(
+        !deletes.is_empty(),
+        "the launcher pod of stuck-1 was not deleted"
+    );
+    let warned = o.recorder.changes().into_iter().any(
+        |s| matches!(&s.change, Change::NodeWarning { message, .. } if message.contains("stuck-1")),
+    );
+    assert!(
+        warned,
+        "no Warning Event on node-1 naming stuck-1: {:?}",
+        o.recorder.changes()
+    );
     drop(agent);
     bed.shutdown().await.expect("teardown");
 }
 
 async fn node_unschedulable(bed: &Bed) -> bool {
-    let node = Api::<Node>::all(bed.client()).get(NODE).await.expect("node-1");
+    let node = Api::<Node>::all(bed.client())
+        .get(NODE)
+        .await
+        .expect("node-1");
     node.spec.and_then(|s| s.unschedulable).unwrap_or(false)
 }
 
@@ -214,11 +250,16 @@ async fn scope_all_evicts_other_pods_but_not_daemonsets() {
     .await;
     let client = bed.client();
     let nodes: Api<Node> = Api::all(client.clone());
-    let cordon = |unschedulable: bool| Patch::Merge(serde_json::json!({"spec": {"unschedulable": unschedulable}}));
+    let cordon = |unschedulable: bool| {
+        Patch::Merge(serde_json::json!({"spec": {"unschedulable": unschedulable}}))
+    };
     // The scheduler must place the Deployment's pods on node-1: keep the other nodes closed
     // while they are created.
     for n in ["node-2", "node-3"] {
-        nodes.patch(n, &PatchParams::default(), &cordon(true)).await.unwrap();
+        nodes
+            .patch(n, &PatchParams::default(), &cordon(true))
+            .await
+            .unwrap();
     }
     let container = serde_json::json!([{"name": "app", "image": "registry.invalid/app:1"}]);
     let deploy: Deployment = serde_json::from_value(serde_json::json!({
@@ -232,14 +273,22 @@ async fn scope_all_evicts_other_pods_but_not_daemonsets() {
         "spec": {"selector": {"matchLabels": {"app": "node-agent"}},
                  "template": {"metadata": {"labels": {"app": "node-agent"}},
                               "spec": {"containers": container}}}
-    })).unwrap();
+    }))
+    .unwrap();
     let bare: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "bare"},
         "spec": {"nodeName": NODE, "containers": container, "terminationGracePeriodSeconds": 2}
-    })).unwrap();
+    }))
+    .unwrap();
     let pp = PostParams::default();
-    Api::<Deployment>::namespaced(client.clone(), "default").create(&pp, &deploy).await.unwrap();
-    Api::<DaemonSet>::namespaced(client.clone(), "default").create(&pp, &ds).await.unwrap();
+    Api::<Deployment>::namespaced(client.clone(), "default")
+        .create(&pp, &deploy)
+        .await
+        .unwrap();
+    Api::<DaemonSet>::namespaced(client.clone(), "default")
+        .create(&pp, &ds)
+        .await
+        .unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     pods.create(&pp, &bare).await.unwrap();
 
@@ -265,7 +314,10 @@ async fn scope_all_evicts_other_pods_but_not_daemonsets() {
     }
     assert!(ready, "workloads did not start on node-1");
     for n in ["node-2", "node-3"] {
-        nodes.patch(n, &PatchParams::default(), &cordon(false)).await.unwrap();
+        nodes
+            .patch(n, &PatchParams::default(), &cordon(false))
+            .await
+            .unwrap();
     }
     let before = pods.list(&on_node1).await.unwrap();
     let name_of = |prefix: &str| -> Vec<String> {
@@ -283,7 +335,11 @@ async fn scope_all_evicts_other_pods_but_not_daemonsets() {
     let entries = audit(&bed);
     let evicted = |name: &str| {
         entries.iter().any(|e| {
-            e.subresource == "eviction" && e.verb == "create" && e.name == name && e.code == 201 && e.received >= o.requested
+            e.subresource == "eviction"
+                && e.verb == "create"
+                && e.name == name
+                && e.code == 201
+                && e.received >= o.requested
         })
     };
     for name in web.iter().chain(std::iter::once(&"bare".to_owned())) {
@@ -291,27 +347,53 @@ async fn scope_all_evicts_other_pods_but_not_daemonsets() {
     }
     let daemon = &daemon[0];
     assert!(
-        !entries.iter().any(|e| e.subresource == "eviction" && &e.name == daemon),
+        !entries
+            .iter()
+            .any(|e| e.subresource == "eviction" && &e.name == daemon),
         "the DaemonSet pod {daemon} was evicted"
     );
-    assert!(pods.get_opt(daemon).await.unwrap().is_some(), "the DaemonSet pod is gone");
+    assert!(
+        pods.get_opt(daemon).await.unwrap().is_some(),
+        "the DaemonSet pod is gone"
+    );
+    o.recorder
+        .wait_departed(&["default/live-1"], Duration::from_secs(5))
+        .await;
     assert!(matches!(
         o.recorder.departures().get("default/live-1"),
         Some((_, Change::Migrated { .. }))
     ));
     // VMs first: the VM's launcher was evicted before any other pod.
-    let first_vm = entries.iter().filter(|e| e.subresource == "eviction" && e.name.starts_with("virt-launcher")).map(|e| e.received).min();
-    let first_other = entries.iter().filter(|e| e.subresource == "eviction" && !e.name.starts_with("virt-launcher")).map(|e| e.received).min();
-    assert!(first_vm <= first_other, "other pods were evicted before the VMs");
+    let first_vm = entries
+        .iter()
+        .filter(|e| e.subresource == "eviction" && e.name.starts_with("virt-launcher"))
+        .map(|e| e.received)
+        .min();
+    let first_other = entries
+        .iter()
+        .filter(|e| e.subresource == "eviction" && !e.name.starts_with("virt-launcher"))
+        .map(|e| e.received)
+        .min();
+    assert!(
+        first_vm <= first_other,
+        "other pods were evicted before the VMs"
+    );
     drop(agent);
     bed.shutdown().await.expect("teardown");
 }
 
 /// Waits (watch) until node-1's `spec.unschedulable` is `want`.
 async fn wait_unschedulable(bed: &Bed, want: bool, timeout: Duration) -> bool {
-    let cond = kube::runtime::wait::await_condition(Api::<Node>::all(bed.client()), NODE, move |n: Option<&Node>| {
-        n.and_then(|n| n.spec.as_ref()).and_then(|s| s.unschedulable).unwrap_or(false) == want
-    });
+    let cond = kube::runtime::wait::await_condition(
+        Api::<Node>::all(bed.client()),
+        NODE,
+        move |n: Option<&Node>| {
+            n.and_then(|n| n.spec.as_ref())
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false)
+                == want
+        },
+    );
     tokio::time::timeout(timeout, cond).await.is_ok()
 }
 
@@ -340,12 +422,22 @@ async fn reboot_uncordons_only_our_own_cordon() {
     let first_boot = bed.logind.read().await.boot_id();
     let agent = Agent::spawn(&bed, &[]).await;
     wait_for_lock(&bed, &agent, Duration::from_secs(30)).await;
-    let exit = bed.reboot_node(Duration::from_secs(60)).await.expect("node-1 reboots");
+    let exit = bed
+        .reboot_node(Duration::from_secs(60))
+        .await
+        .expect("node-1 reboots");
     assert_eq!(exit.action, testbed::logind::PowerAction::Reboot);
-    assert!(node_unschedulable(&bed).await, "the agent did not cordon node-1 during the reboot; log:\n{}", agent.log_text());
+    assert!(
+        node_unschedulable(&bed).await,
+        "the agent did not cordon node-1 during the reboot; log:\n{}",
+        agent.log_text()
+    );
     drop(agent);
     let second_boot = bed.logind.read().await.boot_id();
-    assert_ne!(first_boot, second_boot, "the node came back with the same boot ID");
+    assert_ne!(
+        first_boot, second_boot,
+        "the node came back with the same boot ID"
+    );
 
     let agent = Agent::spawn(&bed, &[]).await;
     assert!(
@@ -363,11 +455,17 @@ async fn reboot_uncordons_only_our_own_cordon() {
     // Now an administrator cordons node-1 before the next reboot.
     let nodes: Api<Node> = Api::all(bed.client());
     nodes
-        .patch(NODE, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(serde_json::json!({"spec": {"unschedulable": true}})))
+        .patch(
+            NODE,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"unschedulable": true}})),
+        )
         .await
         .unwrap();
     wait_for_lock(&bed, &agent, Duration::from_secs(30)).await;
-    bed.reboot_node(Duration::from_secs(60)).await.expect("node-1 reboots again");
+    bed.reboot_node(Duration::from_secs(60))
+        .await
+        .expect("node-1 reboots again");
     drop(agent);
     let agent = Agent::spawn(&bed, &[]).await;
     wait_for_lock(&bed, &agent, Duration::from_secs(30)).await;
@@ -376,7 +474,10 @@ async fn reboot_uncordons_only_our_own_cordon() {
         "the agent did not finish its start-up check; log:\n{}",
         agent.log_text()
     );
-    assert!(node_unschedulable(&bed).await, "the administrator's cordon was undone");
+    assert!(
+        node_unschedulable(&bed).await,
+        "the administrator's cordon was undone"
+    );
     drop(agent);
     bed.shutdown().await.expect("teardown");
 }
@@ -417,8 +518,14 @@ async fn lock_comes_back_after_logind_or_bus_restart() {
                 agent.log_text()
             );
         };
-        eprintln!("lock back {:.3} s after restarting {unit}", back.as_secs_f64());
-        assert!(back <= Duration::from_secs(2), "lock back only after {back:?} ({unit})");
+        eprintln!(
+            "lock back {:.3} s after restarting {unit}",
+            back.as_secs_f64()
+        );
+        assert!(
+            back <= Duration::from_secs(2),
+            "lock back only after {back:?} ({unit})"
+        );
     }
     drop(agent);
     bed.shutdown().await.expect("teardown");

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
-use testbed::bed::{Bed, BedOptions, NODE};
+use testbed::bed::{Bed, BedOptions, NODE, Release};
 use testbed::timeline::{AuditEntry, audit_entries};
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_shutdown-guard");
@@ -83,12 +83,15 @@ pub async fn wait_for_lock(bed: &Bed, agent: &Agent, timeout: Duration) -> Insta
 pub async fn holds_lock(bed: &Bed) -> bool {
     bed.list_inhibitors()
         .await
-        .map(|l| l.iter().any(|i| i.who == WHO && i.mode == "delay" && i.what.contains("shutdown")))
+        .map(|l| {
+            l.iter()
+                .any(|i| i.who == WHO && i.mode == "delay" && i.what.contains("shutdown"))
+        })
         .unwrap_or(false)
 }
 
 /// The moment logind stopped listing shutdown-guard's lock.
-pub async fn observe_release(bed: &Bed, timeout: Duration) -> Option<SystemTime> {
+pub async fn observe_release(bed: &Bed, timeout: Duration) -> Option<Release> {
     bed.observe_release(WHO, timeout).await
 }
 
@@ -99,7 +102,11 @@ pub fn audit(bed: &Bed) -> Vec<AuditEntry> {
 
 /// When the API server finished the last write to `vmi` (`ns/name`) that it received at or
 /// before `seen` (the watch event that showed the VMI gone from the node).
-pub fn server_write_before(entries: &[AuditEntry], vmi: &str, seen: SystemTime) -> Option<SystemTime> {
+pub fn server_write_before(
+    entries: &[AuditEntry],
+    vmi: &str,
+    seen: SystemTime,
+) -> Option<SystemTime> {
     let (ns, name) = vmi.split_once('/')?;
     entries
         .iter()

@@ -98,6 +98,14 @@ impl Default for BedOptions {
     }
 }
 
+/// When a lock went away, as seen from outside logind: it was listed at `last_held` (the
+/// moment the last query that still listed it was sent) and no more at `gone`.
+#[derive(Clone, Copy, Debug)]
+pub struct Release {
+    pub last_held: SystemTime,
+    pub gone: SystemTime,
+}
+
 /// node-1's logind, whichever flavour.
 pub enum NodeLogind {
     Systemd(SystemdNode),
@@ -272,7 +280,10 @@ impl Bed {
     /// The variables a pod on node-1 gets (`DBUS_SYSTEM_BUS_ADDRESS` comes from the logind's
     /// pod command itself).
     pub fn pod_env(&self) -> Vec<(String, String)> {
-        let ctl = self.ctl.as_ref().expect("ctl server runs while the bed does");
+        let ctl = self
+            .ctl
+            .as_ref()
+            .expect("ctl server runs while the bed does");
         let script = |verb: &str| ctl.script(verb).display().to_string();
         let path = format!(
             "{}:{}",
@@ -280,7 +291,10 @@ impl Bed {
             std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
         );
         vec![
-            ("KUBECONFIG".into(), self.kubeconfig_path().display().to_string()),
+            (
+                "KUBECONFIG".into(),
+                self.kubeconfig_path().display().to_string(),
+            ),
             ("TESTBED_NODE".into(), NODE.into()),
             ("TESTBED_POWEROFF".into(), script("poweroff")),
             ("TESTBED_REBOOT".into(), script("reboot")),
@@ -312,17 +326,23 @@ impl Bed {
         Ok(self.logind.read().await.list_inhibitors().await?)
     }
 
-    /// Watches logind's inhibitor list from logind's side and returns the moment no lock of
-    /// `who` is listed any more (or logind is gone with the node), polling every 5 ms for at
-    /// most `timeout`. logind announces no inhibitor changes on the bus, so polling is the
-    /// only outside view.
-    pub async fn observe_release(&self, who: &str, timeout: Duration) -> Option<SystemTime> {
+    /// Watches logind's inhibitor list from logind's side until no lock of `who` is listed any
+    /// more (or logind is gone with the node), polling every 5 ms for at most `timeout`.
+    /// logind announces no inhibitor changes on the bus, so polling is the only outside view;
+    /// the release happened between the two moments returned.
+    pub async fn observe_release(&self, who: &str, timeout: Duration) -> Option<Release> {
         let end = Instant::now() + timeout;
+        let mut last_held = SystemTime::now();
         while Instant::now() < end {
+            let asked = SystemTime::now();
             match self.list_inhibitors().await {
-                Ok(list) if !list.iter().any(|i| i.who == who) => return Some(SystemTime::now()),
-                Ok(_) => {}
-                Err(_) => return Some(SystemTime::now()),
+                Ok(list) if list.iter().any(|i| i.who == who) => last_held = asked,
+                _ => {
+                    return Some(Release {
+                        last_held,
+                        gone: SystemTime::now(),
+                    });
+                }
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

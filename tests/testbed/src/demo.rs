@@ -62,11 +62,17 @@ fn step(msg: &str) {
 
 async fn ensure_built(logind: LogindKind) -> Result<PathBuf> {
     if !assets_present(logind) {
-        step("building the test bed (first run only: Go control plane, Debian root filesystem, elogind)");
+        step(
+            "building the test bed (first run only: Go control plane, Debian root filesystem, elogind)",
+        );
         let status = tokio::process::Command::new(crate::paths::scripts_dir().join("setup.sh"))
             .env(
                 "TESTBED_SKIP_BOOKWORM",
-                if logind == LogindKind::SystemdBookworm { "0" } else { "1" },
+                if logind == LogindKind::SystemdBookworm {
+                    "0"
+                } else {
+                    "1"
+                },
             )
             .status()
             .await
@@ -77,19 +83,30 @@ async fn ensure_built(logind: LogindKind) -> Result<PathBuf> {
     }
     if std::env::var_os("SHUTDOWN_GUARD_BIN").is_none() {
         step("building shutdown-guard");
-        let status = tokio::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--quiet", "-p", "shutdown-guard", "--bin", "shutdown-guard"])
-            .current_dir(crate::paths::workspace_root())
-            .status()
-            .await
-            .context("running cargo build")?;
+        let status =
+            tokio::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "shutdown-guard",
+                    "--bin",
+                    "shutdown-guard",
+                ])
+                .current_dir(crate::paths::workspace_root())
+                .status()
+                .await
+                .context("running cargo build")?;
         if !status.success() {
             bail!("cargo build -p shutdown-guard failed ({status})");
         }
     }
     let bin = agent_binary();
     if !bin.is_file() {
-        bail!("{} is missing: set SHUTDOWN_GUARD_BIN to the agent binary", bin.display());
+        bail!(
+            "{} is missing: set SHUTDOWN_GUARD_BIN to the agent binary",
+            bin.display()
+        );
     }
     Ok(bin)
 }
@@ -190,7 +207,10 @@ async fn demo_on(bed: &Bed, agent: &Path, args: &DemoArgs) -> Result<ExitCode> {
             log_path.display()
         );
     }
-    println!("    logind lists the delay lock of shutdown-guard (log: {})", log_path.display());
+    println!(
+        "    logind lists the delay lock of shutdown-guard (log: {})",
+        log_path.display()
+    );
 
     step("powering node-1 off (systemctl poweroff)");
     let t0 = SystemTime::now();
@@ -210,18 +230,26 @@ async fn demo_on(bed: &Bed, agent: &Path, args: &DemoArgs) -> Result<ExitCode> {
         print_progress(&recorder, &mut shown, began);
     };
     print_progress(&recorder, &mut shown, began);
-    println!("    node-1 powered off after {:.2} s", secs_between(t0, powered_off));
+    println!(
+        "    node-1 powered off after {:.2} s",
+        secs_between(t0, powered_off)
+    );
     let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
     let _ = child.kill().await;
 
     step("timeline (from the API server's watches and audit log, logind and the node's console)");
-    let mut rows: Vec<(SystemTime, String)> = vec![(t0, "power-off requested (PrepareForShutdown)".into())];
+    let mut rows: Vec<(SystemTime, String)> =
+        vec![(t0, "power-off requested (PrepareForShutdown)".into())];
     for s in recorder.changes() {
         let text = match &s.change {
             Change::Cordoned => "node-1 cordoned".to_owned(),
             Change::Uncordoned => "node-1 uncordoned".to_owned(),
-            Change::EvacuationRequested { vmi } => format!("{vmi}: KubeVirt marked it for evacuation"),
-            Change::MigrationCreated { vmi, migration } => format!("{vmi}: migration {migration} created"),
+            Change::EvacuationRequested { vmi } => {
+                format!("{vmi}: KubeVirt marked it for evacuation")
+            }
+            Change::MigrationCreated { vmi, migration } => {
+                format!("{vmi}: migration {migration} created")
+            }
             Change::MigrationPhase { vmi, phase, .. } => format!("{vmi}: migration {phase}"),
             Change::Migrated { vmi, target } => format!("{vmi}: migrated to {target}"),
             Change::Stopped { vmi, phase } => format!("{vmi}: stopped ({phase})"),
@@ -235,16 +263,25 @@ async fn demo_on(bed: &Bed, agent: &Path, args: &DemoArgs) -> Result<ExitCode> {
     }
     for e in audit_evictions(&bed.control_plane) {
         if e.received >= t0 {
-            rows.push((e.received, format!("eviction of {} → HTTP {}", e.pod, e.code)));
+            rows.push((
+                e.received,
+                format!("eviction of {} → HTTP {}", e.pod, e.code),
+            ));
         }
     }
-    if let Some(at) = released {
-        rows.push((at, "shutdown-guard's lock gone from logind's ListInhibitors".into()));
+    if let Some(r) = released {
+        rows.push((
+            r.gone,
+            "shutdown-guard's lock gone from logind's ListInhibitors".into(),
+        ));
     }
     if let Some(at) = agent_release_time(&log_path) {
         rows.push((at, "lock fd closed (agent's own log)".into()));
     }
-    rows.push((powered_off, "node-1 powered off (systemd: Shutting down.)".into()));
+    rows.push((
+        powered_off,
+        "node-1 powered off (systemd: Shutting down.)".into(),
+    ));
     rows.sort_by_key(|(at, _)| *at);
     for (at, text) in &rows {
         println!("    {:>+8.3} s  {text}", secs_between(t0, *at));
@@ -262,7 +299,9 @@ async fn wait_for_lock(bed: &Bed, timeout: Duration) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
         if let Ok(list) = bed.list_inhibitors().await
-            && list.iter().any(|i| i.who == "shutdown-guard" && i.mode == "delay")
+            && list
+                .iter()
+                .any(|i| i.who == "shutdown-guard" && i.mode == "delay")
         {
             return true;
         }
@@ -281,9 +320,15 @@ fn print_progress(recorder: &Recorder, shown: &mut BTreeMap<String, String>, beg
         }
     }
     for (vmi, state) in &states {
-        let line = vmi_line(per_vmi.get(vmi).map(Vec::as_slice).unwrap_or(&[]), Some(state));
+        let line = vmi_line(
+            per_vmi.get(vmi).map(Vec::as_slice).unwrap_or(&[]),
+            Some(state),
+        );
         if shown.get(vmi) != Some(&line) {
-            println!("    {:>6.1} s  {vmi:<24} {line}", began.elapsed().as_secs_f64());
+            println!(
+                "    {:>6.1} s  {vmi:<24} {line}",
+                began.elapsed().as_secs_f64()
+            );
             shown.insert(vmi.clone(), line);
         }
     }
@@ -299,6 +344,11 @@ fn agent_release_time(log: &Path) -> Option<SystemTime> {
                 .and_then(|m| m.as_str())
                 .is_some_and(|m| m.contains("lock released"))
         })
-        .and_then(|v| v.get("timestamp")?.as_str()?.parse::<chrono::DateTime<chrono::Utc>>().ok())
+        .and_then(|v| {
+            v.get("timestamp")?
+                .as_str()?
+                .parse::<chrono::DateTime<chrono::Utc>>()
+                .ok()
+        })
         .map(Into::into)
 }

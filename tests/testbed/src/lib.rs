@@ -4,15 +4,15 @@
 //! Every piece is torn down by PID when its handle drops, so a panicking test leaves
 //! nothing behind.
 
+pub mod bed;
+pub mod bench;
 pub mod controlplane;
+pub mod ctl;
+pub mod demo;
 pub mod kubelet;
 pub mod kubevirt;
 pub mod logind;
 pub mod paths;
 pub mod pki;
 pub mod process;
-pub mod bed;
-pub mod ctl;
 pub mod timeline;
-pub mod demo;
-pub mod bench;

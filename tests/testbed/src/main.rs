@@ -10,7 +10,11 @@ use testbed::bed::{Bed, BedOptions, LogindKind};
 use testbed::kubevirt::{KubeVirtOptions, VmSpec};
 
 #[derive(Parser)]
-#[command(name = "testbed", version, about = "A real control plane, simulated KubeVirt nodes and a real logind on one machine")]
+#[command(
+    name = "testbed",
+    version,
+    about = "A real control plane, simulated KubeVirt nodes and a real logind on one machine"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -114,8 +118,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 async fn run_cmd(args: BedArgs, cmd: Vec<String>) -> Result<ExitCode> {
-    let bed = Bed::start(args.options()?).await.context("starting the bed")?;
-    eprintln!("testbed: up in {:.1} s; running {:?} as a pod on node-1", bed.started_in().as_secs_f64(), cmd);
+    let bed = Bed::start(args.options()?)
+        .await
+        .context("starting the bed")?;
+    eprintln!(
+        "testbed: up in {:.1} s; running {:?} as a pod on node-1",
+        bed.started_in().as_secs_f64(),
+        cmd
+    );
     let rest: Vec<&str> = cmd[1..].iter().map(String::as_str).collect();
     let mut child = bed
         .pod_command(&cmd[0], &rest)
@@ -138,15 +148,25 @@ async fn run_cmd(args: BedArgs, cmd: Vec<String>) -> Result<ExitCode> {
 }
 
 async fn up(args: BedArgs) -> Result<ExitCode> {
-    let bed = Bed::start(args.options()?).await.context("starting the bed")?;
-    eprintln!("testbed: up in {:.1} s; Ctrl-C tears it down", bed.started_in().as_secs_f64());
+    let bed = Bed::start(args.options()?)
+        .await
+        .context("starting the bed")?;
+    eprintln!(
+        "testbed: up in {:.1} s; Ctrl-C tears it down",
+        bed.started_in().as_secs_f64()
+    );
     let logind = bed.logind.read().await;
-    println!("export DBUS_SYSTEM_BUS_ADDRESS='{}'", logind.pod_bus_address());
+    println!(
+        "export DBUS_SYSTEM_BUS_ADDRESS='{}'",
+        logind.pod_bus_address()
+    );
     drop(logind);
     for (key, value) in bed.pod_env() {
         println!("export {key}='{value}'");
     }
-    println!("# a pod on node-1 also runs in node-1's PID namespace; `testbed run` does that for you");
+    println!(
+        "# a pod on node-1 also runs in node-1's PID namespace; `testbed run` does that for you"
+    );
     interrupted().await;
     bed.shutdown().await.context("tearing the bed down")?;
     Ok(ExitCode::SUCCESS)

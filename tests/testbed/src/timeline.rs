@@ -25,18 +25,41 @@ pub enum Change {
     Cordoned,
     Uncordoned,
     /// KubeVirt marked the VMI for evacuation (`status.evacuationNodeName`).
-    EvacuationRequested { vmi: String },
-    MigrationCreated { vmi: String, migration: String },
-    MigrationPhase { vmi: String, migration: String, phase: String },
+    EvacuationRequested {
+        vmi: String,
+    },
+    MigrationCreated {
+        vmi: String,
+        migration: String,
+    },
+    MigrationPhase {
+        vmi: String,
+        migration: String,
+        phase: String,
+    },
     /// The VMI now runs elsewhere (`status.nodeName` moved, `migrationState.completed`).
-    Migrated { vmi: String, target: String },
+    Migrated {
+        vmi: String,
+        target: String,
+    },
     /// The VMI reached a final phase on the node, or was deleted while there.
-    Stopped { vmi: String, phase: String },
-    PodDeleted { pod: String },
+    Stopped {
+        vmi: String,
+        phase: String,
+    },
+    PodDeleted {
+        pod: String,
+    },
     /// An eviction request as the audit log has it (`code` 201 allowed, 429 refused, …).
-    Eviction { pod: String, code: u16 },
+    Eviction {
+        pod: String,
+        code: u16,
+    },
     /// A Warning Event on the Node.
-    NodeWarning { reason: String, message: String },
+    NodeWarning {
+        reason: String,
+        message: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -94,11 +117,19 @@ impl Recorder {
             spawn_watch(
                 tokio::spawn(watch_loop(api, cfg, tx, move |ev| {
                     if let Event::Apply(n) | Event::InitApply(n) = ev {
-                        let now = n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+                        let now = n
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.unschedulable)
+                            .unwrap_or(false);
                         let mut s = st.lock().expect("timeline lock");
                         let before = s.unschedulable.replace(now);
                         if before.is_some_and(|b| b != now) {
-                            let change = if now { Change::Cordoned } else { Change::Uncordoned };
+                            let change = if now {
+                                Change::Cordoned
+                            } else {
+                                Change::Uncordoned
+                            };
                             s.log.push(stamp(change));
                         }
                     }
@@ -206,10 +237,13 @@ impl Recorder {
             spawn_watch(
                 tokio::spawn(watch_loop(api, cfg, tx, move |ev| {
                     if let Event::Apply(e) = ev {
-                        st.lock().expect("timeline lock").log.push(stamp(Change::NodeWarning {
-                            reason: e.reason.unwrap_or_default(),
-                            message: e.message.unwrap_or_default(),
-                        }));
+                        st.lock()
+                            .expect("timeline lock")
+                            .log
+                            .push(stamp(Change::NodeWarning {
+                                reason: e.reason.unwrap_or_default(),
+                                message: e.message.unwrap_or_default(),
+                            }));
                     }
                 })),
                 rx,
@@ -255,13 +289,31 @@ impl Recorder {
         out
     }
 
+    /// Waits until every VMI in `vmis` has left the node as the recorder saw it (its watch may
+    /// trail the agent's by a few milliseconds); returns whether they all did within `timeout`.
+    pub async fn wait_departed(&self, vmis: &[&str], timeout: Duration) -> bool {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let gone = self.departures();
+            if vmis.iter().all(|v| gone.contains_key(*v)) {
+                return true;
+            }
+            if std::time::Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// VMIs the recorder currently believes run on the node.
     pub fn vmis_on_node(&self) -> Vec<String> {
         let s = self.state.lock().expect("timeline lock");
         let mut v: Vec<String> = s
             .vmis
             .iter()
-            .filter(|(_, (on, phase, _))| on.as_deref() == Some(self.node.as_str()) && !is_final(phase))
+            .filter(|(_, (on, phase, _))| {
+                on.as_deref() == Some(self.node.as_str()) && !is_final(phase)
+            })
             .map(|(k, _)| k.clone())
             .collect();
         v.sort();
@@ -298,7 +350,8 @@ fn observe_vmi(s: &mut State, node: &str, v: &VirtualMachineInstance) {
     let prev = s.vmis.get(&k).cloned();
     if let Some((prev_node, prev_phase, prev_evac)) = prev {
         if evac && !prev_evac {
-            s.log.push(stamp(Change::EvacuationRequested { vmi: k.clone() }));
+            s.log
+                .push(stamp(Change::EvacuationRequested { vmi: k.clone() }));
         }
         let was_here = prev_node.as_deref() == Some(node) && !is_final(&prev_phase);
         if was_here && now_node.as_deref().is_some_and(|n| n != node) {
@@ -317,7 +370,8 @@ fn observe_vmi(s: &mut State, node: &str, v: &VirtualMachineInstance) {
             }));
         }
     } else if evac {
-        s.log.push(stamp(Change::EvacuationRequested { vmi: k.clone() }));
+        s.log
+            .push(stamp(Change::EvacuationRequested { vmi: k.clone() }));
     }
     s.vmis.insert(k, (now_node, phase, evac));
 }

@@ -24,14 +24,26 @@ fn testbed_run_gives_the_command_a_pod_on_node1_and_its_exit_status() {
         exit 7
     "#;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_testbed"))
-        .args(["run", "--logind", "elogind", "--vms", "live=1", "--", "bash", "-c", script])
+        .args([
+            "run", "--logind", "elogind", "--vms", "live=1", "--", "bash", "-c", script,
+        ])
         .output()
         .expect("testbed runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(7), "exit status passes through\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stdout.contains("node/node-1"), "kubectl reaches the API server:\n{stdout}");
-    assert!(stdout.contains("vmi=node-1"), "the VMI runs on node-1:\n{stdout}");
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "exit status passes through\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stdout.contains("node/node-1"),
+        "kubectl reaches the API server:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("vmi=node-1"),
+        "the VMI runs on node-1:\n{stdout}"
+    );
     assert!(stdout.contains("bus=ok"), "{stdout}");
     // A pod has a PID namespace of its own: its shell is not a machine PID.
     let pid: u32 = stdout
@@ -39,7 +51,10 @@ fn testbed_run_gives_the_command_a_pod_on_node1_and_its_exit_status() {
         .find_map(|l| l.strip_prefix("pid="))
         .and_then(|p| p.parse().ok())
         .expect("pid line");
-    assert!(pid < 100, "the command does not run in a PID namespace of its own (pid {pid})");
+    assert!(
+        pid < 100,
+        "the command does not run in a PID namespace of its own (pid {pid})"
+    );
     let at: f64 = stdout
         .lines()
         .find_map(|l| l.strip_prefix("powered_off="))
@@ -49,7 +64,10 @@ fn testbed_run_gives_the_command_a_pod_on_node1_and_its_exit_status() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
-    assert!(now - at < 120.0 && at <= now, "power-off time {at} is not recent");
+    assert!(
+        now - at < 120.0 && at <= now,
+        "power-off time {at} is not recent"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -61,7 +79,12 @@ async fn bed_teardown_leaves_nothing_behind() {
     })
     .await
     .expect("bed starts");
-    let mut pids: Vec<u32> = bed.control_plane.pids().into_iter().map(|(_, p)| p).collect();
+    let mut pids: Vec<u32> = bed
+        .control_plane
+        .pids()
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
     let (node_dir, cgroup) = {
         let mut logind = bed.logind.write().await;
         let node = logind.systemd().expect("systemd node");
