@@ -26,18 +26,21 @@ packages=systemd,systemd-sysv,dbus,dbus-bin
 # Bump when the configuration below changes, so cached trees get rebuilt.
 recipe="v1 $suite minbase $packages"
 
+mkdir -p "$cache/rootfs" "$cache/tools"
+# Tests may ask for the same tree at once: one builds, the others wait and reuse it.
+exec 9>"$cache/rootfs/$suite.lock"
+flock 9
+
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$recipe" ] && [ -x "$dest/lib/systemd/systemd" ]; then
   echo "rootfs $suite: cached at $dest"
   exit 0
 fi
 
-mkdir -p "$cache/rootfs" "$cache/tools"
-
 # debootstrap, unpacked (not installed) from the .deb of the machine's own release.
 dbs=$cache/tools/debootstrap
 if [ ! -x "$dbs/usr/sbin/debootstrap" ]; then
   tmp=$(mktemp -d); chmod 755 "$tmp"   # apt hands the download to user _apt
-  (cd "$tmp" && apt-get download debootstrap >/dev/null) || {
+  (cd "$tmp" && apt-get download debootstrap >/dev/null 2>&1) || {
     apt-get update >/dev/null
     (cd "$tmp" && apt-get download debootstrap >/dev/null)
   }

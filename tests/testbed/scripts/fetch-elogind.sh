@@ -12,6 +12,9 @@ dest=$cache/elogind
 stamp=$dest.stamp
 recipe="v1 elogind libelogind0"
 
+mkdir -p "$cache"
+exec 9>"$dest.lock"
+flock 9
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$recipe" ] && [ -x "$dest/lib/elogind/elogind" ]; then
   echo "elogind: cached at $dest"
   exit 0

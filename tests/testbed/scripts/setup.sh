@@ -6,17 +6,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 start=$(date +%s)
 
-need=()
-for tool in capsh:libcap2-bin unshare:util-linux nsenter:util-linux dbus-daemon:dbus \
-            ip:iproute2 dpkg-deb:dpkg xz:xz-utils zstd:zstd musl-gcc:musl-tools; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  echo "setup: installing ${need[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-
+"$here/ct-host-packages.sh"
 "$here/build-control-plane.sh"
 "$here/fetch-elogind.sh"
 "$here/build-rootfs.sh" trixie

@@ -239,6 +239,9 @@ async fn trixie_delay_lock_holds_poweroff_until_released() -> Result<()> {
 async fn bookworm_delay_lock_holds_poweroff_until_released() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let mut node = boot(Suite::Bookworm).await?;
+    // systemd 252's logind reloads InhibitDelayMaxSec on SIGHUP too (kubelet relies on it).
+    let limit = node.set_inhibit_delay_max(8).await?;
+    ensure!(limit == Duration::from_secs(8), "{limit:?}");
     let monitor = Monitor::start(&node).await?;
     lock_delays_until_release(&mut node, &monitor).await?;
     // systemd 252 predates the metadata signal.
@@ -369,7 +372,10 @@ async fn trixie_poweroff_from_a_pod_over_dbus_with_shell_waiter() -> Result<()> 
     let _serial = SERIAL.lock().await;
     let mut node = boot(Suite::Trixie).await?;
     let waiter = tokio::process::Command::new("sh")
-        .args(["-c", &node.wait_poweroff_shell_command()])
+        .args([
+            "-c",
+            &format!("exec {}", node.wait_poweroff_shell_command()),
+        ])
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;

@@ -144,7 +144,7 @@ impl Elogind {
             .env("EL_CGROUP", cgroup.path());
         let started = Instant::now();
         let log = dir.join("ns.log");
-        let mut outer = ManagedChild::spawn("elogind", cmd, &log)?;
+        let mut outer = ManagedChild::spawn("elogind", cmd, &log).map_err(Box::new)?;
         outer.set_term_grace(Duration::from_secs(2));
         let init_pid = match wait_first_child(outer.pid(), Duration::from_secs(5)).await {
             Ok(pid) => pid,

@@ -29,7 +29,7 @@ pub mod elogind;
 pub mod systemd;
 
 pub use elogind::{Elogind, ElogindOptions};
-pub use systemd::{NodeExit, PowerAction, Suite, SystemdNode, SystemdOptions};
+pub use systemd::{ConsoleLine, NodeExit, PowerAction, Suite, SystemdNode, SystemdOptions};
 
 pub const LOGIN1: &str = "org.freedesktop.login1";
 pub const LOGIN1_PATH: &str = "/org/freedesktop/login1";
@@ -47,12 +47,12 @@ pub enum LogindError {
         source: io::Error,
     },
     #[error(transparent)]
-    Process(#[from] ProcessError),
+    Process(#[from] Box<ProcessError>),
     #[error("D-Bus, {context}: {source}")]
     Bus {
         context: String,
         #[source]
-        source: zbus::Error,
+        source: Box<zbus::Error>,
     },
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout { what: String, after: Duration },
@@ -76,7 +76,10 @@ impl LogindError {
 
     pub(crate) fn bus(context: impl Into<String>) -> impl FnOnce(zbus::Error) -> Self {
         let context = context.into();
-        move |source| Self::Bus { context, source }
+        move |source| Self::Bus {
+            context,
+            source: Box::new(source),
+        }
     }
 }
 
@@ -156,10 +159,10 @@ pub trait LogindNode {
     fn wait_poweroff_shell_command(&self) -> String;
 }
 
-/// No reply awaited: without locks the node may be gone before logind's answer arrives.
 fn login1_call_shell(address: &str, method: &str) -> String {
     format!(
-        "busctl --expect-reply=no --address={address} call {LOGIN1} {LOGIN1_PATH} {LOGIN1_MANAGER} {method} b false"
+        "{} {address} {method}",
+        crate::paths::scripts_dir().join("ct-power.sh").display()
     )
 }
 
@@ -245,7 +248,7 @@ pub(crate) async fn read_inhibit_delay_max(address: &str) -> Result<Duration, Lo
         .map_err(LogindError::bus("InhibitDelayMaxUSec reply"))?;
     let usec = u64::try_from(value).map_err(|e| LogindError::Bus {
         context: "InhibitDelayMaxUSec is not a u64".into(),
-        source: e.into(),
+        source: Box::new(e.into()),
     })?;
     Ok(Duration::from_micros(usec))
 }
@@ -397,6 +400,43 @@ pub(crate) fn pod_command(
                 nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWPID).map_err(io::Error::from)
             }
             Err(code) => Err(io::Error::from_raw_os_error(*code)),
+        });
+    }
+    cmd
+}
+
+/// A command that runs `program` inside a node: in its mount namespace (so its own binaries
+/// and `/run`) and as a child in its PID namespace, like `nsenter --mount --pid` but without
+/// nsenter's stop mirroring (see [`pod_command`]), so a command still running when the node
+/// shuts down cannot hold the node's exit.
+pub(crate) fn node_command(ns_pid: u32, program: &str, args: &[&str]) -> tokio::process::Command {
+    let open = |ns: &str| {
+        std::fs::File::open(format!("/proc/{ns_pid}/ns/{ns}"))
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::ENOENT))
+    };
+    let (pid_ns, mnt_ns) = (open("pid"), open("mnt"));
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.args(["-c", POD_PARENT, "testbed-node-exec", program])
+        .args(args)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("LANG", "C.UTF-8")
+        .current_dir("/")
+        .kill_on_drop(true);
+    // SAFETY: between fork and exec only setns(2) runs, an async-signal-safe system call on
+    // descriptors opened before the fork; nothing allocates or takes a lock.
+    unsafe {
+        cmd.pre_exec(move || match (&pid_ns, &mnt_ns) {
+            (Ok(pid_ns), Ok(mnt_ns)) => {
+                nix::sched::setns(pid_ns, nix::sched::CloneFlags::CLONE_NEWPID)?;
+                // Also moves this process's root and working folder to the node's root.
+                nix::sched::setns(mnt_ns, nix::sched::CloneFlags::CLONE_NEWNS)?;
+                Ok(())
+            }
+            (Err(code), _) | (_, Err(code)) => Err(io::Error::from_raw_os_error(*code)),
         });
     }
     cmd

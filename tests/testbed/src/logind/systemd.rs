@@ -25,8 +25,8 @@ use tokio::sync::watch;
 
 use super::{
     CgroupDir, Inhibitor, LogindError, LogindNode, PodSpec, ensure_cached, new_boot_id,
-    pod_command, pss_kib, read_inhibit_delay_max, read_inhibitors, remove_state_dir, run_checked,
-    tail, wait_first_child, wait_for_logind, wait_inhibit_delay_max, write_file,
+    node_command, pod_command, pss_kib, read_inhibit_delay_max, read_inhibitors, remove_state_dir,
+    run_checked, tail, wait_first_child, wait_for_logind, wait_inhibit_delay_max, write_file,
 };
 use crate::process::{ManagedChild, pid_exists};
 
@@ -351,13 +351,13 @@ impl SystemdNode {
 
     /// Boots the same node again (same disk, new boot ID) after its previous boot ended.
     pub async fn boot_again(&mut self) -> Result<(), LogindError> {
-        if let Some(boot) = &mut self.boot {
-            if boot.outer.is_running() {
-                return Err(LogindError::State(format!(
-                    "{} is still running (boot {})",
-                    self.opts.name, boot.number
-                )));
-            }
+        if let Some(boot) = &mut self.boot
+            && boot.outer.is_running()
+        {
+            return Err(LogindError::State(format!(
+                "{} is still running (boot {})",
+                self.opts.name, boot.number
+            )));
         }
         self.finish_boot();
         self.start().await
@@ -395,8 +395,8 @@ impl SystemdNode {
             .env("CT_CONSOLE", &self.console.slave_path);
         let started = Instant::now();
         let log = dir.join(format!("boot-{number}.log"));
-        let mut outer =
-            ManagedChild::spawn(format!("{} boot {number}", self.opts.name), cmd, &log)?;
+        let mut outer = ManagedChild::spawn(format!("{} boot {number}", self.opts.name), cmd, &log)
+            .map_err(Box::new)?;
         // Teardown kills PID 1 first, after which this exits at once.
         outer.set_term_grace(Duration::from_secs(2));
         self.boots = number;
@@ -530,14 +530,14 @@ impl SystemdNode {
         self.boot.as_ref().map(|b| b.cgroup.path().to_path_buf())
     }
 
-    /// Runs `systemctl <args>` inside the node (all its namespaces) and waits for it.
+    /// Runs `systemctl <args>` inside the node (its mount and PID namespaces) and waits for it.
     pub async fn systemctl(&self, args: &[&str]) -> Result<(), LogindError> {
         let pid = self.current()?.init_pid;
-        let mut cmd = tokio::process::Command::new("nsenter");
-        cmd.arg(format!("--target={pid}"))
-            .args(["--all", "--", "systemctl"])
-            .args(args);
-        run_checked(cmd, Duration::from_secs(30)).await
+        run_checked(
+            node_command(pid, "systemctl", args),
+            Duration::from_secs(30),
+        )
+        .await
     }
 
     async fn start_power_action(&self, verb: &str) -> Result<(), LogindError> {
@@ -548,9 +548,7 @@ impl SystemdNode {
                 detail: " (already exited)".into(),
             });
         }
-        let mut cmd = tokio::process::Command::new("nsenter");
-        cmd.arg(format!("--target={}", boot.init_pid))
-            .args(["--all", "--", "systemctl", verb]);
+        let cmd = node_command(boot.init_pid, "systemctl", &[verb]);
         match run_checked(cmd, Duration::from_secs(30)).await {
             Ok(()) => Ok(()),
             // Without locks the node may be gone before systemctl gets its answer.
@@ -607,7 +605,13 @@ impl SystemdNode {
         if let Some(exit) = &boot.exit {
             return Ok(exit.clone());
         }
-        if boot.outer.wait_timeout(timeout).await?.is_none() {
+        if boot
+            .outer
+            .wait_timeout(timeout)
+            .await
+            .map_err(Box::new)?
+            .is_none()
+        {
             return Err(LogindError::Timeout {
                 what: format!("{name}'s PID 1 to exit"),
                 after: timeout,
@@ -767,10 +771,10 @@ impl LogindNode for SystemdNode {
 impl Drop for SystemdNode {
     fn drop(&mut self) {
         self.kill_boot();
-        if let StateDir::Temp(dir) = &self.state {
-            if let Err(e) = remove_state_dir(dir) {
-                tracing::warn!(error = %e, "node folder left behind");
-            }
+        if let StateDir::Temp(dir) = &self.state
+            && let Err(e) = remove_state_dir(dir)
+        {
+            tracing::warn!(error = %e, "node folder left behind");
         }
     }
 }
