@@ -380,13 +380,17 @@ impl Migration {
             .as_ref()
             .map(|(_, u)| u.clone())
             .unwrap_or_default();
-        self.patch_vmi_labels(json!({NODE_NAME_LABEL: target_node}))
-            .await;
+        // Upstream the target virt-handler changes the status and the label in one update.
+        // With the status subresource that takes two writes here: status first, so nobody
+        // watching by label sees the VMI leave the source node's selection while its status
+        // still says it runs there.
         self.patch_vmi_status(json!({
             "nodeName": target_node, "evacuationNodeName": null, "migrationState": self.state,
             "activePods": {target_uid: target_node},
         }))
         .await;
+        self.patch_vmi_labels(json!({NODE_NAME_LABEL: target_node}))
+            .await;
         self.ctx.workloads.exit(&source_pod_uid, 0);
         // Upstream the migration controller reports Succeeded only after its VMI informer
         // shows the hand-over; keep that order, or the evacuation controller could see the
