@@ -17,9 +17,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && rustup target add x86_64-unknown-linux-musl
 WORKDIR /src
-# Manifests first, so the dependency download is cached apart from source changes.
-COPY Cargo.toml Cargo.lock ./
-COPY tests/testbed/Cargo.toml tests/testbed/Cargo.toml
+# The registry and target caches survive between builds (BuildKit cache mounts), so a source
+# change recompiles only this crate.
 COPY . .
 # musl-gcc compiles ring's C and assembly only. Linking stays with Rust's default for the
 # target (self-contained musl CRT, static PIE): musl-gcc as the linker gives a binary that

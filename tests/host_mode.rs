@@ -2,12 +2,12 @@
 //! (`systemd/shutdown-guard.service`, the `logind.conf.d` drop-in and the environment file),
 //! guarding that node's own `systemctl poweroff`.
 //!
-//! node-1 is a real systemd (Debian trixie) booted as PID 1 of its own namespaces, network
-//! namespace included; its loopback is not the machine's, where the API server listens. The test
-//! opens a listener on node-1's own `127.0.0.1:<API server port>` (a socket created in node-1's
-//! network namespace by a thread that joined it) and forwards each connection to the machine's
-//! loopback, so the unchanged kubeconfig (`https://127.0.0.1:<port>`, the serving certificate's
-//! address) works inside the node as it would on a real host.
+//! node-1 is a real systemd (257 from Debian 13, and 252 from Debian 12) booted as PID 1 of its
+//! own namespaces, network namespace included; its loopback is not the machine's, where the API
+//! server listens. The test opens a listener on node-1's own `127.0.0.1:<API server port>` (a
+//! socket created in node-1's network namespace by a thread that joined it) and forwards each
+//! connection to the machine's loopback, so the unchanged kubeconfig (`https://127.0.0.1:<port>`,
+//! the serving certificate's address) works inside the node as it would on a real host.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
 use kube::Api;
 use kube::api::PostParams;
-use testbed::bed::{Bed, BedOptions, NODE};
+use testbed::bed::{Bed, BedOptions, LogindKind, NODE};
 use testbed::kubevirt::KubeVirtOptions;
 use testbed::logind::Inhibitor;
 use testbed::timeline::{AuditEntry, Change, Recorder, audit_entries};
@@ -26,7 +26,7 @@ const AGENT: &str = env!("CARGO_BIN_EXE_shutdown-guard");
 const WHO: &str = "shutdown-guard";
 /// The identity the host-mode agent uses: a client certificate, bound to the shipped ClusterRole.
 const HOST_USER: &str = "shutdown-guard-host:node-1";
-/// `InhibitDelayMaxSec` in `systemd/logind.conf.d/60-shutdown-guard.conf`.
+/// `InhibitDelayMaxSec` in `systemd/logind.conf.d/99-shutdown-guard.conf`.
 const DROPIN_DELAY: Duration = Duration::from_secs(305);
 
 fn init_tracing() {
@@ -112,24 +112,37 @@ fn forward(
     })
 }
 
-/// When the API server received the write that took `vmi` (`ns/name`) off node-1: the last
-/// write to it at or before `seen`, the moment the test's watch showed it gone. The test's own
-/// watch may see the change after the agent's did, so the server's time is the fair one to hold
-/// the lock's release against.
-fn left_node_at(entries: &[AuditEntry], vmi: &str, seen: SystemTime) -> SystemTime {
+/// When the API server received the write that took `vmi` (`ns/name`) off node-1, for a VMI
+/// the test's watch saw gone at `seen` (the test's watch may see a change after the agent's
+/// did, so the server's time is the fair one to hold the lock's release against).
+///
+/// A migration ends with two writes a few milliseconds apart: the `kubevirt.io/nodeName` label
+/// moves to the target (the object itself), then `status.nodeName` (the status). The agent
+/// follows VMIs by that label, so either write takes a VMI off node-1 for it; the earlier one
+/// counts. A stop ends with the VMI's final status write (or its deletion).
+fn left_node_at(entries: &[AuditEntry], vmi: &str, seen: SystemTime, migrated: bool) -> SystemTime {
     let (ns, name) = vmi.split_once('/').expect("ns/name");
-    entries
-        .iter()
-        .filter(|e| {
-            e.resource == "virtualmachineinstances"
-                && e.namespace == ns
-                && e.name == name
-                && matches!(e.verb.as_str(), "update" | "patch" | "delete")
-                && e.received <= seen
-        })
-        .map(|e| e.received)
-        .max()
-        .unwrap_or(seen)
+    let last = |status: bool| {
+        entries
+            .iter()
+            .filter(|e| {
+                e.resource == "virtualmachineinstances"
+                    && e.namespace == ns
+                    && e.name == name
+                    && matches!(e.verb.as_str(), "update" | "patch" | "delete")
+                    && (e.subresource == "status") == status
+                    && e.received <= seen
+            })
+            .map(|e| e.received)
+            .max()
+    };
+    let (object, status) = (last(false), last(true));
+    let left = if migrated {
+        [object, status].into_iter().flatten().min()
+    } else {
+        [object, status].into_iter().flatten().max()
+    };
+    left.unwrap_or(seen)
 }
 
 async fn lock(bed: &Bed) -> Option<Inhibitor> {
@@ -141,8 +154,19 @@ async fn lock(bed: &Bed) -> Option<Inhibitor> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_unit_guards_the_nodes_own_poweroff() {
+    host_mode(LogindKind::Systemd).await;
+}
+
+/// The same on systemd 252 (Debian 12), whose sandboxing options are older.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unit_guards_the_nodes_own_poweroff_on_systemd_252() {
+    host_mode(LogindKind::SystemdBookworm).await;
+}
+
+async fn host_mode(logind: LogindKind) {
     init_tracing();
     let bed = Bed::start(BedOptions {
+        logind,
         vms: "live=2".parse().unwrap(),
         // No bed drop-in: the only InhibitDelayMaxSec is the shipped one.
         inhibit_delay_max_secs: None,
@@ -232,8 +256,8 @@ async fn the_unit_guards_the_nodes_own_poweroff() {
     install(pid, &kubeconfig, "/etc/shutdown-guard/kubeconfig", 0o600);
     install(
         pid,
-        &repo("systemd/logind.conf.d/60-shutdown-guard.conf"),
-        "/etc/systemd/logind.conf.d/60-shutdown-guard.conf",
+        &repo("systemd/logind.conf.d/99-shutdown-guard.conf"),
+        "/etc/systemd/logind.conf.d/99-shutdown-guard.conf",
         0o644,
     );
 
@@ -396,9 +420,13 @@ async fn the_unit_guards_the_nodes_own_poweroff() {
         match departures.get(vmi) {
             Some((at, Change::Migrated { target, .. })) => {
                 assert_ne!(target, NODE);
+                let left = left_node_at(&entries, vmi, *at, true);
                 assert!(
-                    left_node_at(&entries, &vmi, *at) <= released.gone,
-                    "{vmi} migrated after the lock was released"
+                    left <= released.gone,
+                    "{vmi} migrated after the lock was released: left (server) {left:?}, seen {at:?}, \
+                     lock listed until {:?}, gone at {:?}; journal before the power-off:\n{journal_before}",
+                    released.last_held,
+                    released.gone
                 );
             }
             other => panic!("{vmi} did not migrate: {other:?}"),

@@ -265,7 +265,7 @@ async fn manifests_apply_server_side_and_the_daemonset_is_what_the_agent_needs()
     .expect("the example configuration loads");
     assert_eq!(settings.node, "node-1");
 
-    // The ClusterRole is exactly what src/kube/ uses (a change here is deliberate).
+    // The ClusterRole is exactly what src/ uses (a change here is deliberate).
     let role = Api::<ClusterRole>::all(client.clone())
         .get("shutdown-guard")
         .await
@@ -294,12 +294,15 @@ async fn manifests_apply_server_side_and_the_daemonset_is_what_the_agent_needs()
     let mut want = vec![
         "/nodes:get",
         "/nodes:patch",
+        "/nodes/status:get",
+        "/nodes/status:patch",
         "/pods:list",
         "/pods:watch",
         "/pods:delete",
         "/pods/eviction:create",
         "kubevirt.io/virtualmachineinstances:list",
         "kubevirt.io/virtualmachineinstances:watch",
+        "kubevirt.io/kubevirts:list",
         "events.k8s.io/events:create",
         "events.k8s.io/events:patch",
     ];
@@ -309,24 +312,37 @@ async fn manifests_apply_server_side_and_the_daemonset_is_what_the_agent_needs()
     cp.shutdown().await.expect("control plane stops");
 }
 
-/// When the API server received the write that took `vmi` (`ns/name`) off node-1: the last
-/// write to it at or before `seen`, the moment the test's watch showed it gone. The test's own
-/// watch may see the change after the agent's did, so the server's time is the fair one to hold
-/// the lock's release against.
-fn left_node_at(entries: &[AuditEntry], vmi: &str, seen: SystemTime) -> SystemTime {
+/// When the API server received the write that took `vmi` (`ns/name`) off node-1, for a VMI
+/// the test's watch saw gone at `seen` (the test's watch may see a change after the agent's
+/// did, so the server's time is the fair one to hold the lock's release against).
+///
+/// A migration ends with two writes a few milliseconds apart: the `kubevirt.io/nodeName` label
+/// moves to the target (the object itself), then `status.nodeName` (the status). The agent
+/// follows VMIs by that label, so either write takes a VMI off node-1 for it; the earlier one
+/// counts. A stop ends with the VMI's final status write (or its deletion).
+fn left_node_at(entries: &[AuditEntry], vmi: &str, seen: SystemTime, migrated: bool) -> SystemTime {
     let (ns, name) = vmi.split_once('/').expect("ns/name");
-    entries
-        .iter()
-        .filter(|e| {
-            e.resource == "virtualmachineinstances"
-                && e.namespace == ns
-                && e.name == name
-                && matches!(e.verb.as_str(), "update" | "patch" | "delete")
-                && e.received <= seen
-        })
-        .map(|e| e.received)
-        .max()
-        .unwrap_or(seen)
+    let last = |status: bool| {
+        entries
+            .iter()
+            .filter(|e| {
+                e.resource == "virtualmachineinstances"
+                    && e.namespace == ns
+                    && e.name == name
+                    && matches!(e.verb.as_str(), "update" | "patch" | "delete")
+                    && (e.subresource == "status") == status
+                    && e.received <= seen
+            })
+            .map(|e| e.received)
+            .max()
+    };
+    let (object, status) = (last(false), last(true));
+    let left = if migrated {
+        [object, status].into_iter().flatten().min()
+    } else {
+        [object, status].into_iter().flatten().max()
+    };
+    left.unwrap_or(seen)
 }
 
 /// Waits (bounded) for the DaemonSet's pod on `node`, placed by the real scheduler.
@@ -499,7 +515,7 @@ async fn the_daemonset_identity_drains_its_node_and_is_refused_elsewhere() {
             Some((at, Change::Migrated { target, .. })) => {
                 assert_ne!(target, NODE);
                 assert!(
-                    left_node_at(&entries, &vmi, *at) <= released.gone,
+                    left_node_at(&entries, &vmi, *at, true) <= released.gone,
                     "{vmi} migrated after the lock was released"
                 );
             }
@@ -508,7 +524,7 @@ async fn the_daemonset_identity_drains_its_node_and_is_refused_elsewhere() {
     }
     match departures.get("default/none-1") {
         Some((at, Change::Stopped { .. })) => assert!(
-            left_node_at(&entries, "default/none-1", *at) <= released.gone,
+            left_node_at(&entries, "default/none-1", *at, false) <= released.gone,
             "none-1 stopped after the lock was released"
         ),
         other => panic!("none-1 did not stop: {other:?}; agent log:\n{agent_log}"),
@@ -529,7 +545,14 @@ async fn the_daemonset_identity_drains_its_node_and_is_refused_elsewhere() {
     let denied: Vec<String> = by_agent
         .iter()
         .filter(|e| e.code() == Some(403) || e.code() == Some(401))
-        .map(|e| format!("{} {} -> {:?}", e.verb, e.request_uri, e.code()))
+        .map(|e| {
+            let name = e
+                .object_ref
+                .as_ref()
+                .and_then(|o| o.name.clone())
+                .unwrap_or_default();
+            format!("{} {} {name} -> {:?}", e.verb, e.resource_path(), e.code())
+        })
         .collect();
     assert!(denied.is_empty(), "the agent was refused: {denied:#?}");
     for (verb, resource) in [
