@@ -9,6 +9,9 @@
 //! connection to the machine's loopback, so the unchanged kubeconfig (`https://127.0.0.1:<port>`,
 //! the serving certificate's address) works inside the node as it would on a real host.
 
+mod common;
+
+use common::{AGENT, WHO, init_tracing, server_write_before};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,24 +23,12 @@ use kube::api::PostParams;
 use testbed::bed::{Bed, BedOptions, LogindKind, NODE};
 use testbed::kubevirt::KubeVirtOptions;
 use testbed::logind::Inhibitor;
-use testbed::timeline::{AuditEntry, Change, Recorder, audit_entries};
+use testbed::timeline::{Change, Recorder, audit_entries};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_shutdown-guard");
-const WHO: &str = "shutdown-guard";
 /// The identity the host-mode agent uses: a client certificate, bound to the shipped ClusterRole.
 const HOST_USER: &str = "shutdown-guard-host:node-1";
 /// `InhibitDelayMaxSec` in `systemd/logind.conf.d/99-shutdown-guard.conf`.
 const DROPIN_DELAY: Duration = Duration::from_secs(305);
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TESTBED_LOG")
-                .unwrap_or_else(|_| "warn,kube_client=off".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -110,39 +101,6 @@ fn forward(
             });
         }
     })
-}
-
-/// When the API server received the write that took `vmi` (`ns/name`) off node-1, for a VMI
-/// the test's watch saw gone at `seen` (the test's watch may see a change after the agent's
-/// did, so the server's time is the fair one to hold the lock's release against).
-///
-/// A migration ends with two writes a few milliseconds apart: the `kubevirt.io/nodeName` label
-/// moves to the target (the object itself), then `status.nodeName` (the status). The agent
-/// follows VMIs by that label, so either write takes a VMI off node-1 for it; the earlier one
-/// counts. A stop ends with the VMI's final status write (or its deletion).
-fn left_node_at(entries: &[AuditEntry], vmi: &str, seen: SystemTime, migrated: bool) -> SystemTime {
-    let (ns, name) = vmi.split_once('/').expect("ns/name");
-    let last = |status: bool| {
-        entries
-            .iter()
-            .filter(|e| {
-                e.resource == "virtualmachineinstances"
-                    && e.namespace == ns
-                    && e.name == name
-                    && matches!(e.verb.as_str(), "update" | "patch" | "delete")
-                    && (e.subresource == "status") == status
-                    && e.received <= seen
-            })
-            .map(|e| e.received)
-            .max()
-    };
-    let (object, status) = (last(false), last(true));
-    let left = if migrated {
-        [object, status].into_iter().flatten().min()
-    } else {
-        [object, status].into_iter().flatten().max()
-    };
-    left.unwrap_or(seen)
 }
 
 async fn lock(bed: &Bed) -> Option<Inhibitor> {
@@ -420,7 +378,7 @@ async fn host_mode(logind: LogindKind) {
         match departures.get(vmi) {
             Some((at, Change::Migrated { target, .. })) => {
                 assert_ne!(target, NODE);
-                let left = left_node_at(&entries, vmi, *at, true);
+                let left = server_write_before(&entries, vmi, *at).unwrap_or(*at);
                 assert!(
                     left <= released.gone,
                     "{vmi} migrated after the lock was released: left (server) {left:?}, seen {at:?}, \

@@ -10,6 +10,9 @@
 //! - Why the image runs as uid 0: logind refuses a non-root uid without polkit, and the bus
 //!   drops a uid it cannot resolve; uid 0 without capabilities gets its lock.
 
+mod common;
+
+use common::{AGENT, WHO, init_tracing, server_write_before};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
@@ -29,24 +32,12 @@ use testbed::controlplane::{
 };
 use testbed::kubevirt::KubeVirtOptions;
 use testbed::logind::Inhibitor;
-use testbed::timeline::{AuditEntry, Change, Recorder, audit_entries};
+use testbed::timeline::{Change, Recorder, audit_entries};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_shutdown-guard");
-const WHO: &str = "shutdown-guard";
 const NS: &str = "shutdown-guard";
 const SA: &str = "shutdown-guard";
 const SA_USER: &str = "system:serviceaccount:shutdown-guard:shutdown-guard";
 const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TESTBED_LOG")
-                .unwrap_or_else(|_| "warn,kube_client=off".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
 
 fn manifests_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests")
@@ -312,39 +303,6 @@ async fn manifests_apply_server_side_and_the_daemonset_is_what_the_agent_needs()
     cp.shutdown().await.expect("control plane stops");
 }
 
-/// When the API server received the write that took `vmi` (`ns/name`) off node-1, for a VMI
-/// the test's watch saw gone at `seen` (the test's watch may see a change after the agent's
-/// did, so the server's time is the fair one to hold the lock's release against).
-///
-/// A migration ends with two writes a few milliseconds apart: the `kubevirt.io/nodeName` label
-/// moves to the target (the object itself), then `status.nodeName` (the status). The agent
-/// follows VMIs by that label, so either write takes a VMI off node-1 for it; the earlier one
-/// counts. A stop ends with the VMI's final status write (or its deletion).
-fn left_node_at(entries: &[AuditEntry], vmi: &str, seen: SystemTime, migrated: bool) -> SystemTime {
-    let (ns, name) = vmi.split_once('/').expect("ns/name");
-    let last = |status: bool| {
-        entries
-            .iter()
-            .filter(|e| {
-                e.resource == "virtualmachineinstances"
-                    && e.namespace == ns
-                    && e.name == name
-                    && matches!(e.verb.as_str(), "update" | "patch" | "delete")
-                    && (e.subresource == "status") == status
-                    && e.received <= seen
-            })
-            .map(|e| e.received)
-            .max()
-    };
-    let (object, status) = (last(false), last(true));
-    let left = if migrated {
-        [object, status].into_iter().flatten().min()
-    } else {
-        [object, status].into_iter().flatten().max()
-    };
-    left.unwrap_or(seen)
-}
-
 /// Waits (bounded) for the DaemonSet's pod on `node`, placed by the real scheduler.
 async fn daemonset_pod(client: &Client, node: &str) -> Pod {
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
@@ -515,7 +473,7 @@ async fn the_daemonset_identity_drains_its_node_and_is_refused_elsewhere() {
             Some((at, Change::Migrated { target, .. })) => {
                 assert_ne!(target, NODE);
                 assert!(
-                    left_node_at(&entries, &vmi, *at, true) <= released.gone,
+                    server_write_before(&entries, &vmi, *at).unwrap_or(*at) <= released.gone,
                     "{vmi} migrated after the lock was released"
                 );
             }
@@ -524,7 +482,7 @@ async fn the_daemonset_identity_drains_its_node_and_is_refused_elsewhere() {
     }
     match departures.get("default/none-1") {
         Some((at, Change::Stopped { .. })) => assert!(
-            left_node_at(&entries, "default/none-1", *at, false) <= released.gone,
+            server_write_before(&entries, "default/none-1", *at).unwrap_or(*at) <= released.gone,
             "none-1 stopped after the lock was released"
         ),
         other => panic!("none-1 did not stop: {other:?}; agent log:\n{agent_log}"),

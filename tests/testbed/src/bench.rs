@@ -27,7 +27,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 
 use crate::bed::{Bed, BedOptions, LogindKind, NODE, NodeLogind};
-use crate::controlplane::{AuditEvent, ControlPlane, ControlPlaneOptions};
+use crate::controlplane::{ControlPlane, ControlPlaneOptions};
 use crate::kubevirt::{KubeVirtOptions, VmSpec};
 use crate::logind::{LOGIN1_MANAGER, LOGIN1_PATH};
 use crate::timeline::{Recorder, secs_between};
@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// logind for the latency runs (systemd reboots the same node between runs).
     #[arg(long, default_value = "systemd")]
     pub latency_logind: LogindKind,
+    /// Also poll ListInhibitors (every 2 ms) during the latency runs and report how much later
+    /// it saw the release than logind's state file did (validates the method; adds bus load).
+    #[arg(long)]
+    pub cross_check_release: bool,
     /// Skip the overhead comparison.
     #[arg(long)]
     pub no_overhead: bool,
@@ -99,6 +103,7 @@ pub struct Settings {
     pub migration: Duration,
     pub latency_logind: LogindKind,
     pub agent: PathBuf,
+    pub cross_check: bool,
 }
 
 impl Settings {
@@ -127,6 +132,7 @@ impl Settings {
             idle: Duration::from_secs(a.idle_seconds.unwrap_or(if a.quick { 10 } else { 60 })),
             migration: Duration::from_secs_f64(a.migration_seconds),
             latency_logind: a.latency_logind,
+            cross_check: a.cross_check_release,
             agent: a.agent.clone().unwrap_or_else(crate::demo::agent_binary),
         })
     }
@@ -255,6 +261,35 @@ impl StateFileWatch {
     }
 }
 
+/// Watches the agent's end of the lock: the descriptor in `/proc/<agent>/fd` that points at
+/// logind's FIFO (`/run/systemd/inhibit/<id>.ref`), polled every 0.5 ms until it is closed. This
+/// splits a slow release into the agent's part and logind's.
+fn watch_agent_fd(
+    pid: u32,
+    timeout: Duration,
+) -> Option<std::thread::JoinHandle<Option<SystemTime>>> {
+    let fd = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .find(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| {
+                t.to_string_lossy().contains("/inhibit/") && t.to_string_lossy().ends_with(".ref")
+            })
+        })?
+        .path();
+    let target = std::fs::read_link(&fd).ok()?;
+    Some(std::thread::spawn(move || {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if std::fs::read_link(&fd).ok().as_ref() != Some(&target) {
+                return Some(SystemTime::now());
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        None
+    }))
+}
+
 /// Stamps the first `PrepareForShutdown(true)` / `PrepareForShutdownWithMetadata(true, …)` on
 /// node-1's bus, as any process may subscribe to it from outside the node.
 async fn subscribe_prepare_for_shutdown(
@@ -320,6 +355,25 @@ pub fn find_process(root: u32, comm: &str) -> Option<u32> {
         }
     }
     None
+}
+
+/// When the agent logged each message (JSON log lines), in order. Used only to split a
+/// latency into its parts, never as the measurement itself.
+fn agent_marks(log: &Path) -> Vec<(String, SystemTime)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            let at = parse_time(v.get("timestamp")?.as_str()?)?;
+            Some((v.get("message")?.as_str()?.to_owned(), at))
+        })
+        .collect()
+}
+
+fn mark(marks: &[(String, SystemTime)], message: &str, last: bool) -> Option<SystemTime> {
+    let mut it = marks.iter().filter(|(m, _)| m == message).map(|(_, t)| *t);
+    if last { it.last() } else { it.next() }
 }
 
 /// `(VmRSS, VmHWM)` in KiB.
@@ -393,7 +447,12 @@ impl AuditLine {
                 Some(sub) => format!("{}/{sub}", r.resource),
                 None => r.resource.clone(),
             },
-            _ => self.request_uri.split('?').next().unwrap_or_default().to_owned(),
+            _ => self
+                .request_uri
+                .split('?')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
         }
     }
 }
@@ -458,11 +517,12 @@ fn first_eviction(reqs: &[Request], user: &str, from: SystemTime) -> Option<Syst
 
 /// When the API server received the write that moved the last VMI of `namespace` off node-1.
 ///
-/// Per VMI: the last write to it received before the recorder's watch showed it migrated (the
-/// status write with `migrationState.completed`), or, when the simulator handed the VMI over
-/// with a label write just before (`kubevirt.io/nodeName` first, status next, as
-/// `kubevirt/migration.rs` does), that label write: from then on the VMI no longer matches a
-/// watch for node-1's VMIs, which is what an agent may act on.
+/// The simulator hands a migrated VMI over in two back-to-back writes, its status
+/// (`nodeName`, `migrationState.completed`) and its `kubevirt.io/nodeName` label, either of
+/// which tells a watcher the VMI left. Per VMI, take the writes received before the recorder's
+/// watch showed it migrated, find the trailing burst (writes less than 250 ms apart; the
+/// migration's earlier phases are half the migration time away) and take its first write.
+/// The audit log has no bodies, so adjacency is all there is to tell the writes apart.
 fn last_vmi_gone(recorder: &Recorder, reqs: &[Request], namespace: &str) -> Option<SystemTime> {
     let prefix = format!("{namespace}/");
     recorder
@@ -471,7 +531,7 @@ fn last_vmi_gone(recorder: &Recorder, reqs: &[Request], namespace: &str) -> Opti
         .filter(|(vmi, _)| vmi.starts_with(&prefix))
         .filter_map(|(vmi, (seen, _))| {
             let name = &vmi[prefix.len()..];
-            let writes: Vec<&Request> = reqs
+            let mut writes: Vec<SystemTime> = reqs
                 .iter()
                 .filter(|r| {
                     r.resource.starts_with("virtualmachineinstances")
@@ -480,15 +540,17 @@ fn last_vmi_gone(recorder: &Recorder, reqs: &[Request], namespace: &str) -> Opti
                         && matches!(r.verb.as_str(), "update" | "patch" | "delete")
                         && r.received <= seen
                 })
-                .collect();
-            let last = writes.iter().map(|r| r.received).max()?;
-            let label_write = writes
-                .iter()
-                .filter(|r| r.resource == "virtualmachineinstances" && r.verb == "patch")
                 .map(|r| r.received)
-                .filter(|t| secs_between(*t, last) < 1.0)
-                .max();
-            Some(label_write.unwrap_or(last))
+                .collect();
+            writes.sort();
+            let mut first = *writes.last()?;
+            for w in writes.iter().rev().skip(1) {
+                if secs_between(*w, first) >= 0.25 {
+                    break;
+                }
+                first = *w;
+            }
+            Some(first)
         })
         .max()
 }
@@ -938,11 +1000,28 @@ async fn overhead_pair_in(
 
 #[derive(Clone, Debug, Default)]
 pub struct Latencies {
+    /// The machine's 1-minute load average before the first run and after the last: the bed,
+    /// the agent and whatever else runs share the cores, and latencies show it.
+    pub load: (String, String),
     /// `PrepareForShutdown` → first eviction at the API server, seconds.
     pub first_eviction: Vec<f64>,
     /// Last VMI gone (API server) → lock gone (logind), seconds.
     pub release: Vec<f64>,
     pub release_seen_by: &'static str,
+    /// Parts, from the agent's own log timestamps: signal on the bus → agent logs it.
+    pub part_signal: Vec<f64>,
+    /// Agent starts the drain → agent logs the node cordoned (the cordon's round trip).
+    pub part_cordon: Vec<f64>,
+    /// Last VMI gone (API server) → agent logs it left (watch delivery and decoding).
+    pub part_watch: Vec<f64>,
+    /// Agent logs the release → logind unlinks the lock.
+    pub part_logind: Vec<f64>,
+    /// Agent logs the release → its lock descriptor is closed (`/proc/<agent>/fd`).
+    pub part_fd: Vec<f64>,
+    /// Lock descriptor closed → logind unlinks the lock.
+    pub part_fd_logind: Vec<f64>,
+    /// With `--cross-check-release`: ListInhibitors' view minus the state file's, seconds.
+    pub cross_check: Vec<f64>,
     pub logind: String,
     pub failures: Vec<String>,
 }
@@ -1053,6 +1132,7 @@ async fn latency_suite_in(bed: &mut Bed, s: &Settings) -> Result<(Latencies, Opt
     let recorder = Recorder::start(bed.client(), NODE).await;
     let mut lat = Latencies {
         logind: format!("{:?}", s.latency_logind),
+        load: (load_average(), String::new()),
         ..Latencies::default()
     };
     let (footprint, first_agent) = idle_footprint(bed, s, &kubeconfig, "lat-0").await?;
@@ -1066,8 +1146,15 @@ async fn latency_suite_in(bed: &mut Bed, s: &Settings) -> Result<(Latencies, Opt
                 ready_agent(bed, s, &kubeconfig, &ns).await?
             }
         };
-        match latency_once(bed, &recorder, a, &ns, s.latency_vms).await {
-            Ok((first, release, method)) => {
+        match latency_once(bed, &recorder, a, &ns, s.latency_vms, s.cross_check).await {
+            Ok((first, release, method, cross, parts)) => {
+                lat.cross_check.extend(cross);
+                lat.part_signal.extend(parts[0]);
+                lat.part_cordon.extend(parts[1]);
+                lat.part_watch.extend(parts[2]);
+                lat.part_logind.extend(parts[3]);
+                lat.part_fd.extend(parts[4]);
+                lat.part_fd_logind.extend(parts[5]);
                 lat.first_eviction.extend(first);
                 lat.release.push(release);
                 lat.release_seen_by = method;
@@ -1095,6 +1182,7 @@ async fn latency_suite_in(bed: &mut Bed, s: &Settings) -> Result<(Latencies, Opt
             *bed.logind.write().await = NodeLogind::Elogind(fresh);
         }
     }
+    lat.load.1 = load_average();
     Ok((lat, Some(footprint)))
 }
 
@@ -1106,22 +1194,38 @@ async fn latency_once(
     agent: AgentPod,
     ns: &str,
     n: usize,
-) -> Result<(Option<f64>, f64, &'static str)> {
+    cross_check: bool,
+) -> Result<(
+    Option<f64>,
+    f64,
+    &'static str,
+    Option<f64>,
+    [Option<f64>; 6],
+)> {
     let limit = Duration::from_secs(120);
+    let fd_watch = agent.pid().and_then(|pid| watch_agent_fd(pid, limit));
     let bus = bed.logind.read().await.bus_address();
     let signal = subscribe_prepare_for_shutdown(&bus).await?;
     let observer = ReleaseObserver::arm(bed, limit).await;
     let method = observer.method();
-    let released = if bed.logind.read().await.systemd_ref().is_some() {
-        let (released, rebooted) = tokio::join!(observer.wait(), bed.reboot_node(limit));
+    let poll = async {
+        if cross_check {
+            poll_inhibitors(&bus, limit).await
+        } else {
+            None
+        }
+    };
+    let (released, polled) = if bed.logind.read().await.systemd_ref().is_some() {
+        let (released, polled, rebooted) =
+            tokio::join!(observer.wait(), poll, bed.reboot_node(limit));
         rebooted.context("rebooting node-1")?;
-        released
+        (released, polled)
     } else {
         if let Err(e) = bed.poweroff().await {
             observer.cancel();
             return Err(e).context("starting node-1's power-off");
         }
-        observer.wait().await
+        tokio::join!(observer.wait(), poll)
     };
     let released = released.with_context(|| {
         format!(
@@ -1140,11 +1244,33 @@ async fn latency_once(
         "lock released but VMIs of {ns} still on node-1; agent log:\n{}",
         agent.log_tail()
     );
+    let log = agent.log.clone();
     agent.stop().await;
     let reqs = requests(&bed.control_plane);
     let first = first_eviction(&reqs, AGENT_USER, started).map(|t| secs_between(started, t));
     let last = last_vmi_gone(recorder, &reqs, ns).context("no audit write for the departures")?;
-    Ok((first, secs_between(last, released), method))
+    let cross = polled.map(|p| secs_between(released, p));
+    let marks = agent_marks(&log);
+    let between = |a: Option<SystemTime>, b: Option<SystemTime>| Some(secs_between(a?, b?));
+    let fd_closed = match fd_watch {
+        Some(h) => tokio::task::spawn_blocking(move || h.join().ok().flatten())
+            .await
+            .ok()
+            .flatten(),
+        None => None,
+    };
+    let parts = [
+        between(Some(started), mark(&marks, "shutdown signal", false)),
+        between(
+            mark(&marks, "drain started", false),
+            mark(&marks, "node cordoned", false),
+        ),
+        between(Some(last), mark(&marks, "vmi left node", true)),
+        between(mark(&marks, "lock released", false), Some(released)),
+        between(mark(&marks, "lock released", false), fd_closed),
+        between(fd_closed, Some(released)),
+    ];
+    Ok((first, secs_between(last, released), method, cross, parts))
 }
 // ---------------------------------------------------------------------------------------------
 // Statistics and report
@@ -1209,7 +1335,18 @@ pub struct Report {
     pub latency_error: Option<String>,
     pub footprint: Option<Footprint>,
     pub binary: Option<(PathBuf, u64)>,
+    /// `(musl binary, layer tar bytes, layer tar.gz bytes)`.
+    pub image: Option<(PathBuf, u64, u64)>,
     pub machine: String,
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or("?")
+        .to_owned()
 }
 
 fn machine() -> String {
@@ -1224,7 +1361,13 @@ fn machine() -> String {
         .map(|n| n.get())
         .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} cores ({cpu}), Linux {}", kernel.trim())
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "{cores} cores ({cpu}), Linux {}, load average at start {}",
+        kernel.trim(),
+        load.join(" ")
+    )
 }
 
 /// Size of the agent binary: `SHUTDOWN_GUARD_BIN` if it names a release build, else the
@@ -1238,6 +1381,46 @@ fn release_binary(agent: &Path) -> Option<(PathBuf, u64)> {
         .into_iter()
         .filter(|p| p.components().any(|c| c.as_os_str() == "release"))
         .find_map(|p| Some((p.clone(), std::fs::metadata(&p).ok()?.len())))
+}
+
+/// The image the Dockerfile builds is `FROM scratch` plus one layer holding the static musl
+/// binary, so without a container daemon its size is that layer's: the binary tarred at
+/// `usr/local/bin/shutdown-guard`, as stored (uncompressed) and as pushed (gzip).
+/// `(binary, tar bytes, tar.gz bytes)` for the first musl release build found.
+fn image_layer() -> Option<(PathBuf, u64, u64)> {
+    let root = crate::paths::workspace_root();
+    let bin = [
+        "target/x86_64-unknown-linux-musl/release/shutdown-guard",
+        "target/bench/x86_64-unknown-linux-musl/release/shutdown-guard",
+    ]
+    .into_iter()
+    .map(|p| root.join(p))
+    .find(|p| p.is_file())?;
+    let dir = tempfile::tempdir().ok()?;
+    let dest = dir.path().join("usr/local/bin");
+    std::fs::create_dir_all(&dest).ok()?;
+    std::fs::copy(&bin, dest.join("shutdown-guard")).ok()?;
+    let tar = std::process::Command::new("tar")
+        .args(["--owner=0", "--group=0", "--numeric-owner", "-C"])
+        .arg(dir.path())
+        .args(["-cf", "-", "usr"])
+        .output()
+        .ok()?;
+    if !tar.status.success() {
+        return None;
+    }
+    let mut gzip = std::process::Command::new("gzip")
+        .arg("-c")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .ok()?;
+    let mut stdin = gzip.stdin.take()?;
+    let data = tar.stdout.clone();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &data));
+    let out = gzip.wait_with_output().ok()?;
+    writer.join().ok()?.ok()?;
+    Some((bin, tar.stdout.len() as u64, out.stdout.len() as u64))
 }
 
 impl Report {
@@ -1292,11 +1475,28 @@ impl Report {
             "Each repetition is a fresh bed (elogind on node-1); both tools drain N LiveMigrate \
              VMIs there one after the other, alternating which goes first. kubectl runs the \
              seed's `kubectl {}`. *Overhead* = node known empty (agent: logind dropped the lock, \
-             seen from logind's state file; kubectl: the command exited) − the API server \
+             seen through {}; kubectl: the command exited) − the API server \
              receiving the write that moved the last VMI off node-1. *Wall* = start (agent: \
              `PrepareForShutdown` on the bus; kubectl: spawned) → node known empty. Median \
-             [min–max] over the repetitions.\n",
-            KUBECTL_DRAIN.join(" ")
+             [min–max] over the repetitions. The simulator hands a migrated VMI over with two \
+             back-to-back writes (status with `migrationState.completed`, and the \
+             `kubevirt.io/nodeName` label); \"moved\" is the first of them.\n",
+            KUBECTL_DRAIN.join(" "),
+            {
+                let mut m: Vec<&str> = self
+                    .drains
+                    .iter()
+                    .filter(|d| d.tool == Tool::Agent)
+                    .map(|d| d.release_seen_by)
+                    .collect();
+                m.sort();
+                m.dedup();
+                if m.is_empty() {
+                    "logind".to_owned()
+                } else {
+                    m.join(" / ")
+                }
+            }
         );
         let _ = writeln!(
             o,
@@ -1356,11 +1556,16 @@ impl Report {
              node-1's bus → the API server receiving the agent's first `create pods/eviction` \
              (audit `requestReceivedTimestamp`). *Release*: the API server receiving the write \
              that moved the last VMI off node-1 → logind dropping the lock, seen through {}. \
-             Percentiles are nearest-rank (with 20 runs p99 is the maximum).\n",
+             Percentiles are nearest-rank (with 20 runs p99 is the maximum). The bench stamps \
+             the signal when its own subscription delivers it, which can be up to ~1 ms after \
+             the agent got it (the negative \"bus\" part below). 1-minute load average: {} \
+             before the first run, {} after the last (2 cores).\n",
             runs.map(|r| r.0).unwrap_or(0),
             l.logind,
             runs.map(|r| r.1).unwrap_or(0),
-            l.release_seen_by
+            l.release_seen_by,
+            l.load.0,
+            l.load.1
         );
         let _ = writeln!(o, "| latency | runs | p50 | p99 | min | max | target |");
         let _ = writeln!(o, "|---|---|---|---|---|---|---|");
@@ -1382,6 +1587,59 @@ impl Report {
             );
         }
         let _ = writeln!(o);
+        let parts = [
+            ("bus: signal → agent logs it", &l.part_signal),
+            (
+                "agent: drain start → node cordoned (before the first eviction)",
+                &l.part_cordon,
+            ),
+            (
+                "API server write → agent logs the last VMI left (watch delivery)",
+                &l.part_watch,
+            ),
+            (
+                "agent logs the release → logind unlinks the lock",
+                &l.part_logind,
+            ),
+            (
+                "… of which: agent logs the release → its lock fd is closed (`/proc/<agent>/fd`)",
+                &l.part_fd,
+            ),
+            (
+                "… of which: lock fd closed → logind unlinks the lock",
+                &l.part_fd_logind,
+            ),
+        ];
+        if parts.iter().any(|(_, v)| !v.is_empty()) {
+            let _ = writeln!(
+                o,
+                "Where the time goes, split with the agent's own log timestamps (its clock is \
+                 the machine's; used only for this split):\n"
+            );
+            let _ = writeln!(o, "| part | p50 | p99 | max |");
+            let _ = writeln!(o, "|---|---|---|---|");
+            for (name, v) in parts {
+                let _ = writeln!(
+                    o,
+                    "| {name} | {} | {} | {} |",
+                    ms(percentile(v, 50.0)),
+                    ms(percentile(v, 99.0)),
+                    ms(min_max(v).1)
+                );
+            }
+            let _ = writeln!(o);
+        }
+        if !l.cross_check.is_empty() {
+            let (lo, hi) = min_max(&l.cross_check);
+            let _ = writeln!(
+                o,
+                "Cross-check: `ListInhibitors` polled every 2 ms saw the release {} later than \
+                 the state file (median; range {} to {}).\n",
+                ms(median(&l.cross_check)),
+                ms(lo),
+                ms(hi)
+            );
+        }
         for f in &l.failures {
             let _ = writeln!(o, "- failed: {f}");
         }
@@ -1416,9 +1674,17 @@ impl Report {
             );
             let _ = writeln!(
                 o,
-                "| CPU over the window | {:.3} s ({:.3} % of a core) | |",
-                f.cpu_secs,
-                100.0 * f.cpu_secs / f.window.as_secs_f64().max(1e-9)
+                "| CPU over the window (utime+stime, {:.0} ms ticks) | {} | |",
+                1000.0 / clock_ticks_per_sec(),
+                if f.cpu_secs == 0.0 {
+                    "0 ticks: under one tick in the whole window".to_owned()
+                } else {
+                    format!(
+                        "{:.3} s ({:.3} % of a core)",
+                        f.cpu_secs,
+                        100.0 * f.cpu_secs / f.window.as_secs_f64().max(1e-9)
+                    )
+                }
             );
         }
         match &self.binary {
@@ -1438,11 +1704,27 @@ impl Report {
                 );
             }
         }
-        let _ = writeln!(
-            o,
-            "| image | not built: this machine has no container engine; a `FROM scratch` / \
-             distroless-static image of the binary would be the binary plus a few hundred KiB | |\n"
-        );
+        match &self.image {
+            Some((bin, tar, gz)) => {
+                let _ = writeln!(
+                    o,
+                    "| image (Dockerfile: `FROM scratch` + the static musl binary) | not built \
+                     (no container daemon here); its only layer, the musl binary `{}` tarred: \
+                     {:.1} MiB, {:.1} MiB gzip-compressed as a registry stores it | |\n",
+                    bin.display(),
+                    *tar as f64 / (1024.0 * 1024.0),
+                    *gz as f64 / (1024.0 * 1024.0)
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    o,
+                    "| image | not built: no container daemon here, and no musl release build \
+                     (`cargo build --release --target x86_64-unknown-linux-musl -p \
+                     shutdown-guard`, as the Dockerfile runs) to size its single layer | |\n"
+                );
+            }
+        }
     }
 
     fn api_section(&self, o: &mut String) {
@@ -1541,6 +1823,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         started: Some(Utc::now()),
         machine: machine(),
         binary: release_binary(&s.agent),
+        image: image_layer(),
         ..Report::default()
     };
     if let Ok(bin) = std::env::var("SHUTDOWN_GUARD_BIN") {
