@@ -25,6 +25,7 @@ pub const KEYS: &[&str] = &[
     "host_root",
     "boot_id_path",
     "log_format",
+    "listen_address",
 ];
 
 /// Which pods a drain evicts.
@@ -72,6 +73,8 @@ pub struct Settings {
     pub host_root: PathBuf,
     pub boot_id_path: PathBuf,
     pub log_format: LogFormat,
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/status` are served.
+    pub listen_address: std::net::SocketAddr,
 }
 
 impl Settings {
@@ -79,6 +82,8 @@ impl Settings {
     pub const DEFAULT_DRAIN_BUDGET: Duration = Duration::from_secs(300);
     pub const DEFAULT_DROPIN: &'static str = "/etc/systemd/logind.conf.d/99-shutdown-guard.conf";
     pub const DEFAULT_BOOT_ID_PATH: &'static str = "/proc/sys/kernel/random/boot_id";
+    /// The DaemonSet's probes and Prometheus scrape this port.
+    pub const DEFAULT_LISTEN_ADDRESS: &'static str = "0.0.0.0:8080";
 }
 
 /// Values given on the command line; `None` leaves the key to lower-precedence sources.
@@ -274,6 +279,18 @@ pub fn load(sources: &Sources<'_>) -> Result<Settings, ConfigError> {
         .filter(|k| !k.is_empty())
         .map(PathBuf::from);
 
+    let listen_address = {
+        let v =
+            get("listen_address")?.unwrap_or_else(|| Settings::DEFAULT_LISTEN_ADDRESS.to_string());
+        v.parse().map_err(|_| {
+            ConfigError::invalid(
+                "listen_address",
+                &v,
+                "an IP address and port such as 0.0.0.0:8080",
+            )
+        })?
+    };
+
     Ok(Settings {
         node,
         kubeconfig,
@@ -286,6 +303,7 @@ pub fn load(sources: &Sources<'_>) -> Result<Settings, ConfigError> {
         host_root,
         boot_id_path,
         log_format,
+        listen_address,
     })
 }
 

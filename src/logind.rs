@@ -43,6 +43,9 @@ pub trait Manager {
         metadata: HashMap<String, OwnedValue>,
     ) -> zbus::Result<()>;
 
+    /// `(what, who, why, mode, uid, pid)` of every inhibitor logind knows.
+    fn list_inhibitors(&self) -> zbus::Result<Vec<(String, String, String, String, u32, u32)>>;
+
     #[zbus(property(emits_changed_signal = "false"), name = "InhibitDelayMaxUSec")]
     fn inhibit_delay_max_usec(&self) -> zbus::Result<u64>;
 

@@ -22,6 +22,82 @@ struct Cli {
 enum Command {
     /// Run the agent: hold a logind delay lock and drain the node's VMs when it shuts down.
     Run(RunArgs),
+    /// Preflight on the node: would a shutdown now be graceful? Takes the agent's settings.
+    /// Exit 1 when a check fails (with --strict also on warnings), 2 on invalid settings.
+    Check(CheckArgs),
+    /// The node's guard: lock, last shutdown and its outcome, current drain progress.
+    Status(StatusArgs),
+    /// Drain a node now with the agent's engine, without a power-off (maintenance).
+    /// Exit 0 when the node is empty, 1 on timeout or error.
+    Drain(DrainCmdArgs),
+    /// Lift a cordon set by shutdown-guard (the agent's or `drain`'s); others' only with --force.
+    Uncordon(UncordonArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Report format.
+    #[arg(long, short = 'o', value_enum, default_value = "text")]
+    output: Output,
+    /// Count warnings (VMIs that will not migrate, other delay locks) as failures.
+    #[arg(long)]
+    strict: bool,
+}
+
+/// Which node and cluster, for the commands run from anywhere.
+#[derive(Args)]
+struct Target {
+    /// The node [default: NODE_NAME, else the hostname].
+    #[arg(long)]
+    node: Option<String>,
+    /// Kubeconfig file [default: KUBECONFIG, ~/.kube/config, or in-cluster].
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The agent's admin address, for its live view.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8080")]
+    agent: String,
+    #[arg(long, short = 'o', value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Args)]
+struct DrainCmdArgs {
+    #[command(flatten)]
+    target: Target,
+    /// List what would happen and why; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// vms (virt-launcher pods) or all (all but DaemonSet and mirror pods, VMs first).
+    #[arg(long, default_value = "vms")]
+    scope: String,
+    /// Give up after this long (VMs that cannot make it are stopped gracefully before); none by default.
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
+    #[arg(long, short = 'o', value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Args)]
+struct UncordonArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Uncordon even when shutdown-guard did not cordon the node.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -32,6 +108,9 @@ struct RunArgs {
     drain: DrainArgs,
     #[command(flatten)]
     logind: LogindArgs,
+    /// Address for /metrics, /healthz, /readyz and /status [default: 0.0.0.0:8080].
+    #[arg(long, value_name = "ADDR")]
+    listen_address: Option<String>,
 }
 
 /// Where settings and the cluster come from.
@@ -99,58 +178,190 @@ fn overrides(a: &RunArgs) -> Overrides {
     o.set("write_logind_dropin", a.logind.write_logind_dropin.as_ref());
     o.set("logind_dropin", a.logind.logind_dropin.as_ref());
     o.set("host_root", a.logind.host_root.as_ref());
+    o.set("listen_address", a.listen_address.as_ref());
     o
 }
 
 /// Exit status for a configuration the agent cannot run with.
 const EXIT_CONFIG: u8 = 2;
 
+fn hostname() -> Option<String> {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+}
+
+fn load_settings(args: &RunArgs) -> Result<config::Settings, ExitCode> {
+    let sources = Sources {
+        file: args.common.config.as_deref(),
+        env: std::env::vars().collect(),
+        overrides: overrides(args),
+        hostname: hostname(),
+    };
+    config::load(&sources).map_err(|e| {
+        eprintln!("shutdown-guard: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("shutdown-guard: starting the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+fn node_of(t: &Target) -> Result<String, ExitCode> {
+    t.node
+        .clone()
+        .or_else(|| std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()))
+        .or_else(hostname)
+        .ok_or_else(|| {
+            eprintln!("shutdown-guard: no node: give --node or set NODE_NAME");
+            ExitCode::from(EXIT_CONFIG)
+        })
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("shutdown-guard: {e}");
+    ExitCode::FAILURE
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Run(args) => {
-            let sources = Sources {
-                file: args.common.config.as_deref(),
-                env: std::env::vars().collect(),
-                overrides: overrides(&args),
-                hostname: nix::unistd::gethostname()
-                    .ok()
-                    .and_then(|h| h.into_string().ok()),
-            };
-            let settings = match config::load(&sources) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("shutdown-guard: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            shutdown_guard::telemetry::init(settings.log_format);
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("shutdown-guard: starting the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let result = rt.block_on(run(settings));
-            // Not waiting for in-flight API calls: on SIGTERM the process must be gone at once.
-            rt.shutdown_background();
-            match result {
-                Ok(Exit::Terminated) | Ok(Exit::TerminatedDuringDrain { .. }) => ExitCode::SUCCESS,
-                Err(e) => {
-                    let msg = anyhow::Error::from(e);
-                    tracing::error!(error = format!("{msg:#}"), "fatal");
-                    // Kubernetes shows this file's text in the pod's status; only inside a pod.
-                    let term_log = std::path::Path::new("/dev/termination-log");
-                    if term_log.exists() {
-                        let _ = std::fs::write(term_log, format!("{msg:#}\n"));
-                    }
-                    ExitCode::FAILURE
-                }
-            }
-        }
+    let result = match cli.command {
+        Command::Run(args) => run_agent(args),
+        Command::Check(a) => check(a),
+        Command::Status(a) => status(a),
+        Command::Drain(a) => drain(a),
+        Command::Uncordon(a) => uncordon(a),
+    };
+    result.unwrap_or_else(|code| code)
+}
+
+fn check(a: CheckArgs) -> Result<ExitCode, ExitCode> {
+    let settings = load_settings(&a.run)?;
+    shutdown_guard::telemetry::init_cli();
+    let rt = runtime()?;
+    let report = rt
+        .block_on(shutdown_guard::check::run(&settings, a.strict))
+        .map_err(fail)?;
+    match a.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        ),
+        Output::Text => print!("{}", report.render_text()),
     }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn status(a: StatusArgs) -> Result<ExitCode, ExitCode> {
+    let node = node_of(&a.target)?;
+    shutdown_guard::telemetry::init_cli();
+    let rt = runtime()?;
+    let s = rt
+        .block_on(async {
+            let client = shutdown_guard::kube::client(a.target.kubeconfig.as_deref()).await?;
+            shutdown_guard::status::status(client, &node, &a.agent).await
+        })
+        .map_err(fail)?;
+    match a.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default()),
+        Output::Text => print!("{}", shutdown_guard::status::render_text(&s)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn drain(a: DrainCmdArgs) -> Result<ExitCode, ExitCode> {
+    use shutdown_guard::config::Scope;
+    let node = node_of(&a.target)?;
+    let scope = match a.scope.as_str() {
+        "vms" => Scope::Vms,
+        "all" => Scope::All,
+        other => {
+            eprintln!("shutdown-guard: invalid --scope {other:?}: expected one of: vms, all");
+            return Err(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let timeout = match &a.timeout {
+        None => None,
+        Some(t) => match config::parse_duration("timeout", t) {
+            Ok(d) if d.is_zero() => None,
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("shutdown-guard: {e}");
+                return Err(ExitCode::from(EXIT_CONFIG));
+            }
+        },
+    };
+    shutdown_guard::telemetry::init_cli();
+    let rt = runtime()?;
+    let opts = shutdown_guard::ondemand::DrainOptions {
+        node,
+        scope,
+        timeout,
+        dry_run: a.dry_run,
+        live: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+    };
+    let json = a.output == Output::Json;
+    let r = rt
+        .block_on(async {
+            let client = shutdown_guard::kube::client(a.target.kubeconfig.as_deref())
+                .await
+                .map_err(shutdown_guard::ondemand::OnDemandError::from)?;
+            let mut out = std::io::stdout();
+            shutdown_guard::ondemand::drain(client, &opts, json, &mut out).await
+        })
+        .map_err(fail)?;
+    rt.shutdown_background();
+    Ok(match r.outcome.as_str() {
+        "empty" | "dry-run" => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    })
+}
+
+fn uncordon(a: UncordonArgs) -> Result<ExitCode, ExitCode> {
+    let node = node_of(&a.target)?;
+    shutdown_guard::telemetry::init_cli();
+    let rt = runtime()?;
+    let msg = rt
+        .block_on(async {
+            let client = shutdown_guard::kube::client(a.target.kubeconfig.as_deref())
+                .await
+                .map_err(shutdown_guard::ondemand::OnDemandError::from)?;
+            shutdown_guard::ondemand::uncordon(client, &node, a.force).await
+        })
+        .map_err(fail)?;
+    println!("{msg}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_agent(args: RunArgs) -> Result<ExitCode, ExitCode> {
+    let settings = load_settings(&args)?;
+    shutdown_guard::telemetry::init(settings.log_format);
+    let rt = runtime()?;
+    let result = rt.block_on(run(settings));
+    // Not waiting for in-flight API calls: on SIGTERM the process must be gone at once.
+    rt.shutdown_background();
+    Ok(match result {
+        Ok(Exit::Terminated) | Ok(Exit::TerminatedDuringDrain { .. }) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = anyhow::Error::from(e);
+            tracing::error!(error = format!("{msg:#}"), "fatal");
+            // Kubernetes shows this file's text in the pod's status; only inside a pod.
+            let term_log = std::path::Path::new("/dev/termination-log");
+            if term_log.exists() {
+                let _ = std::fs::write(term_log, format!("{msg:#}\n"));
+            }
+            ExitCode::FAILURE
+        }
+    })
 }

@@ -285,7 +285,6 @@ async fn manifests_apply_server_side_and_the_daemonset_is_what_the_agent_needs()
     let mut want = vec![
         "/nodes:get",
         "/nodes:patch",
-        "/nodes/status:get",
         "/nodes/status:patch",
         "/pods:list",
         "/pods:watch",

@@ -634,6 +634,30 @@ impl Machine {
         };
     }
 
+    /// Every VMI the VMI watch knows (on the node or just moved off it).
+    pub fn vmis(&self) -> impl Iterator<Item = &VmiInfo> {
+        self.vmis.live.values()
+    }
+
+    /// The running launcher pod of a VMI on this node.
+    pub fn launcher(&self, vmi_uid: &str) -> Option<&PodInfo> {
+        self.launcher_of(vmi_uid)
+    }
+
+    /// Whether a graceful stop was sent for this VMI in the current drain.
+    pub fn stop_sent(&self, vmi_uid: &str) -> bool {
+        matches!(&self.phase, Phase::Draining(d) if d.stops.contains_key(vmi_uid))
+    }
+
+    /// Pods the current plan still has to evict or see gone (scope `all`), by key.
+    pub fn other_pods_remaining(&self) -> Vec<ObjKey> {
+        self.plan()
+            .other_remaining
+            .into_iter()
+            .map(|p| p.key)
+            .collect()
+    }
+
     /// Per-pod eviction progress for logs and status: pod UID → state label.
     pub fn eviction_states(&self) -> BTreeMap<String, &'static str> {
         let mut out = BTreeMap::new();

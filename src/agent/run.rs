@@ -12,14 +12,19 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use super::machine::{CordonResult, Effect, Input, Machine, MachineConfig, Phase, WatchUpdate};
+use super::machine::{
+    CordonResult, Effect, Input, Machine, MachineConfig, Phase, ReleaseReason, WatchUpdate,
+};
+use crate::admin::{self, AdminState, DrainStatus};
 use crate::bootid::{self, StartupAction};
 use crate::config::Settings;
 use crate::drain::model::{ObjKey, VmiInfo};
-use crate::kube::events::NodeEvents;
+use crate::kube::condition::{GuardState, LastShutdown, rfc3339};
+use crate::kube::events::{NodeEvents, Report, Reports};
 use crate::kube::{evict, node as nodeapi, watch};
 use crate::logind::{self, LockControl, LogindEvent};
 use crate::logind_conf;
+use crate::progress::{Progress, VmiState, round_ms};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -47,7 +52,20 @@ struct Ctx {
     nodes: Api<Node>,
     lock: LockControl,
     events: NodeEvents,
+    reports: Reports,
+    admin: AdminState,
     tx: mpsc::UnboundedSender<Input>,
+}
+
+/// The current drain as the operator sees it: per-VMI progress and the record that ends up in
+/// the Node's last-shutdown annotation.
+struct Watching {
+    progress: Progress,
+    kind: String,
+    started_wall: chrono::DateTime<chrono::Utc>,
+    budget: Duration,
+    /// When the lock was released (the drain's clock stops there).
+    ended: Option<Instant>,
 }
 
 fn keys(v: &[ObjKey]) -> String {
@@ -64,6 +82,23 @@ pub async fn run(settings: Settings) -> Result<Exit, RunError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
     info!(node = %node, boot_id = %boot_id, scope = %settings.scope, "starting");
+
+    let admin = AdminState::default();
+    admin.update(|s| {
+        s.node = node.clone();
+        s.phase = "starting".into();
+        s.drain_budget_s = Some(settings.drain_budget.as_secs_f64());
+    });
+    // Metrics and probes are worth less than the lock: a port in use is logged, not fatal.
+    match admin::bind(settings.listen_address).await {
+        Ok(l) => admin::serve(l, admin.clone()),
+        Err(e) => error!(
+            node = %node,
+            address = %settings.listen_address,
+            error = %e,
+            "admin server not started; running without /metrics, /healthz and /readyz"
+        ),
+    }
 
     // Lock first: nothing talks to the API server before logind holds the shutdown for us.
     let (ltx, mut lrx) = mpsc::unbounded_channel();
@@ -83,14 +118,19 @@ pub async fn run(settings: Settings) -> Result<Exit, RunError> {
     };
 
     let client = crate::kube::client(settings.kubeconfig.as_deref()).await?;
+    let _ = admin.client.set(client.clone());
     let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
+    let events = NodeEvents::new(client.clone(), &node, None);
+    let reports = Reports::spawn(client.clone(), &node, events.clone());
     let ctx = Ctx {
         node: node.clone(),
         boot_id,
         client: client.clone(),
         nodes: Api::all(client.clone()),
         lock,
-        events: NodeEvents::new(client.clone(), &node, None),
+        events,
+        reports,
+        admin: admin.clone(),
         tx: tx.clone(),
     };
     let mut machine = Machine::new(MachineConfig {
@@ -100,6 +140,15 @@ pub async fn run(settings: Settings) -> Result<Exit, RunError> {
         deadline_override: settings.deadline,
     });
     machine.handle(Instant::now(), Input::LockTaken { delay_max });
+    admin.metrics.lock_held.set(1);
+    admin.metrics.inhibit_delay_max.set(delay_max.as_secs_f64());
+    let mut lock_was_lost = false;
+    let mut watching: Option<Watching> = None;
+    if !preparing {
+        ctx.reports
+            .condition(GuardState::Ready, ready_message(delay_max));
+    }
+    publish_status(&ctx, &machine, watching.as_ref(), Instant::now());
 
     spawn_startup_reconcile(&ctx, preparing);
     spawn_logind_config_check(&ctx, &settings, delay_max);
@@ -149,6 +198,23 @@ pub async fn run(settings: Settings) -> Result<Exit, RunError> {
             .as_ref()
             .and_then(|(v, _)| machine.vmi(&v.uid).cloned());
         log_vmi_progress(&node, prev.as_ref(), vmi_seen.as_ref().map(|(v, _)| v));
+        let m = &ctx.admin.metrics;
+        match &input {
+            Input::LockTaken { delay_max } | Input::DelayMax(delay_max) => {
+                m.inhibit_delay_max.set(delay_max.as_secs_f64());
+            }
+            Input::Evicted { outcome, .. } => m.eviction(outcome.label()),
+            _ => {}
+        }
+        let deleted_vmi = match &input {
+            Input::Vmis(WatchUpdate::Deleted(v)) => Some(v.clone()),
+            _ => None,
+        };
+        let lock_input = match &input {
+            Input::LockTaken { delay_max } => Some(Some(*delay_max)),
+            Input::LockLost => Some(None),
+            _ => None,
+        };
         let fx = machine.handle(now, input);
         // Logged before the effects (a few microseconds) so logs read in causal order.
         log_transitions(
@@ -164,12 +230,246 @@ pub async fn run(settings: Settings) -> Result<Exit, RunError> {
         let (urgent, rest): (Vec<Effect>, Vec<Effect>) = fx
             .into_iter()
             .partition(|e| matches!(e, Effect::ReleaseLock { .. }));
-        for e in urgent.into_iter().chain(rest) {
+        let released = urgent.iter().find_map(|e| match e {
+            Effect::ReleaseLock { reason, .. } => Some(*reason),
+            _ => None,
+        });
+        for e in urgent {
+            if let Some(exit) = execute(&ctx, &machine, now, e) {
+                return Ok(exit);
+            }
+        }
+        account(
+            &ctx,
+            &machine,
+            now,
+            was_draining,
+            released,
+            lock_input,
+            deleted_vmi.as_ref(),
+            &mut lock_was_lost,
+            &mut watching,
+        );
+        for e in rest {
             if let Some(exit) = execute(&ctx, &machine, now, e) {
                 return Ok(exit);
             }
         }
     }
+}
+
+fn ready_message(delay_max: Duration) -> String {
+    format!(
+        "holding a logind delay lock; a shutdown will be held up to {}s while the node's VMs move away",
+        delay_max.as_secs()
+    )
+}
+
+/// Metrics, the Node's condition, the last-shutdown record and `/status`, brought up to date
+/// after one input.
+#[allow(clippy::too_many_arguments)]
+fn account(
+    ctx: &Ctx,
+    machine: &Machine,
+    now: Instant,
+    was_draining: bool,
+    released: Option<ReleaseReason>,
+    lock_input: Option<Option<Duration>>,
+    deleted_vmi: Option<&VmiInfo>,
+    lock_was_lost: &mut bool,
+    watching: &mut Option<Watching>,
+) {
+    let m = &ctx.admin.metrics;
+    m.lock_held.set(machine.lock_held() as i64);
+    let idle = matches!(machine.phase(), Phase::Idle);
+    match lock_input {
+        Some(Some(delay)) => {
+            if *lock_was_lost {
+                m.logind_reconnects.inc();
+                *lock_was_lost = false;
+            }
+            if idle {
+                ctx.reports
+                    .condition(GuardState::Ready, ready_message(delay));
+            }
+        }
+        Some(None) => {
+            *lock_was_lost = true;
+            if idle {
+                ctx.reports.condition(
+                    GuardState::LockLost,
+                    "logind or the system bus went away; taking the lock again",
+                );
+            }
+        }
+        None => {}
+    }
+
+    if let Phase::Draining(d) = machine.phase()
+        && !was_draining
+    {
+        let kind = d.kind.clone().unwrap_or_else(|| "unknown".into());
+        m.shutdown(Some(&kind));
+        m.draining.set(1);
+        let vmis = machine.remaining_vmis();
+        let started_wall = chrono::Utc::now();
+        ctx.reports.condition(
+            GuardState::Draining,
+            format!(
+                "{kind} under way: moving {} VMI(s) off the node, deadline in {}s",
+                vmis.len(),
+                d.deadline.duration_since(d.started).as_secs()
+            ),
+        );
+        ctx.reports.node_event(
+            false,
+            "DrainStarted",
+            "Drain",
+            format!(
+                "{kind}: cordoning and draining the node; VMIs: {}",
+                if vmis.is_empty() {
+                    "none".to_string()
+                } else {
+                    keys(&vmis)
+                }
+            ),
+        );
+        ctx.reports.send(Report::LastShutdown(LastShutdown {
+            r#type: kind.clone(),
+            started: rfc3339(started_wall),
+            finished: None,
+            outcome: "draining".into(),
+            migrated: 0,
+            stopped: 0,
+            remaining: vmis.iter().map(ToString::to_string).collect(),
+            duration_s: None,
+        }));
+        *watching = Some(Watching {
+            progress: Progress::new(&ctx.node, d.started),
+            kind,
+            started_wall,
+            budget: d.deadline.duration_since(d.started),
+            ended: None,
+        });
+    }
+
+    if let Some(w) = watching.as_mut() {
+        for (_, state) in w.progress.update(now, machine, deleted_vmi) {
+            match state {
+                VmiState::Migrated { .. } => m.vmis_migrated.inc(),
+                VmiState::Stopped => m.vmis_stopped.inc(),
+                _ => 0,
+            };
+        }
+        m.vmis_remaining.set(machine.remaining_vmis().len() as i64);
+    }
+
+    if let Some(reason) = released
+        && let Some(w) = watching.as_mut()
+    {
+        w.ended = Some(now);
+        let secs = w.progress.elapsed(now).as_secs_f64();
+        m.drained(reason.as_str(), secs);
+        m.draining.set(0);
+        let (migrated, stopped, _) = w.progress.counts();
+        let remaining: Vec<String> = machine
+            .remaining_vmis()
+            .iter()
+            .map(ToString::to_string)
+            .chain(
+                machine
+                    .other_pods_remaining()
+                    .iter()
+                    .map(|p| format!("pod {p}")),
+            )
+            .collect();
+        let state = match reason {
+            ReleaseReason::Empty => GuardState::Drained,
+            ReleaseReason::Deadline => {
+                m.deadline_reached.inc();
+                GuardState::DeadlineReached
+            }
+        };
+        let message = match reason {
+            ReleaseReason::Empty => format!(
+                "node empty after {secs:.1}s ({migrated} migrated, {stopped} stopped); shutdown lock released"
+            ),
+            ReleaseReason::Deadline => format!(
+                "deadline reached after {secs:.1}s ({migrated} migrated, {stopped} stopped, {} left); shutdown lock released",
+                remaining.len()
+            ),
+        };
+        ctx.reports.condition(state, message);
+        let last = LastShutdown {
+            r#type: w.kind.clone(),
+            started: rfc3339(w.started_wall),
+            finished: Some(rfc3339(chrono::Utc::now())),
+            outcome: reason.as_str().into(),
+            migrated,
+            stopped,
+            remaining,
+            duration_s: Some(round_ms(w.progress.elapsed(now))),
+        };
+        ctx.admin.update(|s| s.last_shutdown = Some(last.clone()));
+        ctx.reports.send(Report::LastShutdown(last));
+    }
+
+    if was_draining && idle {
+        // Cancelled: the drain is over without a release.
+        m.draining.set(0);
+        if let Some(w) = watching.take() {
+            let (migrated, stopped, _) = w.progress.counts();
+            ctx.reports.send(Report::LastShutdown(LastShutdown {
+                r#type: w.kind,
+                started: rfc3339(w.started_wall),
+                finished: Some(rfc3339(chrono::Utc::now())),
+                outcome: "cancelled".into(),
+                migrated,
+                stopped,
+                remaining: machine
+                    .remaining_vmis()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                duration_s: Some(round_ms(w.progress.elapsed(now))),
+            }));
+        }
+        if machine.lock_held() {
+            ctx.reports.condition(
+                GuardState::Ready,
+                "shutdown cancelled; holding the lock again",
+            );
+        }
+    }
+    publish_status(ctx, machine, watching.as_ref(), now);
+}
+
+fn publish_status(ctx: &Ctx, machine: &Machine, watching: Option<&Watching>, now: Instant) {
+    let lock_held = machine.lock_held();
+    let phase = match machine.phase() {
+        Phase::Idle => "idle",
+        Phase::Draining(_) => "draining",
+        Phase::Released { .. } => "released",
+    };
+    let drain_status = watching.map(|w| DrainStatus {
+        r#type: w.kind.clone(),
+        elapsed_s: round_ms(w.progress.elapsed(w.ended.unwrap_or(now))),
+        deadline_s: w.budget.as_secs_f64(),
+        vmis: w.progress.snapshot(),
+        pods_remaining: machine
+            .other_pods_remaining()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+    });
+    ctx.admin.update(|s| {
+        s.lock_held = lock_held;
+        s.phase = phase.into();
+        s.inhibit_delay_max_s = Some(ctx.admin.metrics.inhibit_delay_max.get());
+        if drain_status.is_some() {
+            s.drain = drain_status;
+        }
+    });
 }
 
 /// Per-VMI progress from its watch updates: evacuation requested, migration target chosen,
@@ -282,16 +582,12 @@ fn execute(ctx: &Ctx, machine: &Machine, now: Instant, effect: Effect) -> Option
                 remaining = %keys(&remaining),
                 "lock released"
             );
-            let events = ctx.events.clone();
-            tokio::spawn(async move {
-                let note = format!("shutdown lock released ({})", reason.as_str());
-                if let Err(e) = events
-                    .publish(false, "ShutdownLockReleased", "Release", note)
-                    .await
-                {
-                    debug!(error = %e, "event not recorded");
-                }
-            });
+            ctx.reports.node_event(
+                false,
+                "ShutdownLockReleased",
+                "Release",
+                format!("shutdown lock released ({})", reason.as_str()),
+            );
         }
         Effect::Cordon => {
             let (api, boot, tx) = (ctx.nodes.clone(), ctx.boot_id.clone(), ctx.tx.clone());
@@ -356,7 +652,7 @@ fn execute(ctx: &Ctx, machine: &Machine, now: Instant, effect: Effect) -> Option
             grace_seconds,
             why,
         } => {
-            let (client, tx, events) = (ctx.client.clone(), ctx.tx.clone(), ctx.events.clone());
+            let (client, tx, reports) = (ctx.client.clone(), ctx.tx.clone(), ctx.reports.clone());
             info!(
                 node = %node,
                 vmi = %vmi,
@@ -374,9 +670,18 @@ fn execute(ctx: &Ctx, machine: &Machine, now: Instant, effect: Effect) -> Option
                         "stopping VMI {vmi} gracefully ({grace_seconds}s) before the shutdown: {}",
                         why.as_str()
                     );
-                    let _ = events
-                        .publish(true, "VMIStoppedForShutdown", "Stop", note)
-                        .await;
+                    reports.send(Report::VmiEvent {
+                        vmi: vmi.clone(),
+                        uid: vmi_uid.clone(),
+                        warning: true,
+                        reason: "VMIStoppedForShutdown",
+                        action: "Stop",
+                        note: format!(
+                            "stopped gracefully ({grace_seconds}s) because node {node} is shutting down: {}",
+                            why.as_str()
+                        ),
+                    });
+                    reports.node_event(true, "VMIStoppedForShutdown", "Stop", note);
                 }
                 let _ = tx.send(Input::Stopped { vmi_uid, result });
             });
@@ -387,12 +692,7 @@ fn execute(ctx: &Ctx, machine: &Machine, now: Instant, effect: Effect) -> Option
         }
         Effect::Warn { reason, note } => {
             warn!(node = %node, reason, note = %note, "warning event");
-            let events = ctx.events.clone();
-            tokio::spawn(async move {
-                if let Err(e) = events.publish(true, reason, "Drain", note).await {
-                    warn!(error = %e, "warning event not recorded");
-                }
-            });
+            ctx.reports.node_event(true, reason, "Drain", note);
         }
         Effect::Exit {
             draining,

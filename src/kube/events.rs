@@ -1,8 +1,15 @@
-//! Events on our Node, so `kubectl describe node` shows what the agent did.
+//! Events (events.k8s.io) on our Node and on the VMIs the agent stops, so `kubectl describe`
+//! shows what the agent did, and the one task that writes them in order together with the
+//! Node's condition.
 
-use k8s_openapi::api::core::v1::ObjectReference;
-use kube::Client;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::condition::{self, GuardState, LastShutdown};
+use crate::drain::model::ObjKey;
 
 #[derive(Clone)]
 pub struct NodeEvents {
@@ -37,6 +44,19 @@ impl NodeEvents {
         action: &str,
         note: String,
     ) -> Result<(), kube::Error> {
+        let node = self.node.clone();
+        self.publish_on(&node, warning, reason, action, note).await
+    }
+
+    /// An Event about any object (a VMI), reported by this node's agent.
+    pub async fn publish_on(
+        &self,
+        regarding: &ObjectReference,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) -> Result<(), kube::Error> {
         let ev = Event {
             note: Some(truncate(note, NOTE_MAX)),
             type_: if warning {
@@ -48,7 +68,137 @@ impl NodeEvents {
             action: action.into(),
             secondary: None,
         };
-        self.recorder.publish(&ev, &self.node).await
+        self.recorder.publish(&ev, regarding).await
+    }
+}
+
+pub fn vmi_ref(vmi: &ObjKey, uid: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("kubevirt.io/v1".into()),
+        kind: Some("VirtualMachineInstance".into()),
+        namespace: Some(vmi.namespace.clone()),
+        name: Some(vmi.name.clone()),
+        uid: Some(uid.to_string()),
+        ..Default::default()
+    }
+}
+
+/// What the agent reports to the API server, in the order it decided it.
+#[derive(Debug, Clone)]
+pub enum Report {
+    NodeEvent {
+        warning: bool,
+        reason: &'static str,
+        action: &'static str,
+        note: String,
+    },
+    VmiEvent {
+        vmi: ObjKey,
+        uid: String,
+        warning: bool,
+        reason: &'static str,
+        action: &'static str,
+        note: String,
+    },
+    Condition {
+        state: GuardState,
+        message: String,
+    },
+    LastShutdown(LastShutdown),
+}
+
+/// Sends [`Report`]s to one task that writes them one after another, so Events and condition
+/// changes reach the API server in the order they happened.
+#[derive(Clone)]
+pub struct Reports {
+    tx: mpsc::UnboundedSender<Report>,
+}
+
+/// Tries per report: a condition or Event is worth a retry, not a stuck queue.
+const REPORT_TRIES: u32 = 3;
+
+impl Reports {
+    pub fn spawn(client: Client, node: &str, events: NodeEvents) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
+        let nodes: Api<Node> = Api::all(client);
+        let node = node.to_string();
+        tokio::spawn(async move {
+            while let Some(r) = rx.recv().await {
+                for attempt in 1..=REPORT_TRIES {
+                    let res = match &r {
+                        Report::NodeEvent {
+                            warning,
+                            reason,
+                            action,
+                            note,
+                        } => events.publish(*warning, reason, action, note.clone()).await,
+                        Report::VmiEvent {
+                            vmi,
+                            uid,
+                            warning,
+                            reason,
+                            action,
+                            note,
+                        } => {
+                            events
+                                .publish_on(
+                                    &vmi_ref(vmi, uid),
+                                    *warning,
+                                    reason,
+                                    action,
+                                    note.clone(),
+                                )
+                                .await
+                        }
+                        Report::Condition { state, message } => {
+                            condition::set(&nodes, &node, *state, message).await
+                        }
+                        Report::LastShutdown(l) => {
+                            condition::record_shutdown(&nodes, &node, l).await
+                        }
+                    };
+                    match res {
+                        Ok(()) => break,
+                        Err(e) => {
+                            if attempt < REPORT_TRIES {
+                                debug!(node = %node, attempt, error = %e, report = ?r, "report not written; retrying");
+                                tokio::time::sleep(crate::drain::eviction::backoff(attempt)).await;
+                            } else {
+                                // Missing RBAC (nodes/status, events) shows here.
+                                warn!(node = %node, error = %e, report = ?r, "report not written");
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Reports { tx }
+    }
+
+    pub fn send(&self, r: Report) {
+        let _ = self.tx.send(r);
+    }
+
+    pub fn node_event(
+        &self,
+        warning: bool,
+        reason: &'static str,
+        action: &'static str,
+        note: String,
+    ) {
+        self.send(Report::NodeEvent {
+            warning,
+            reason,
+            action,
+            note,
+        });
+    }
+
+    pub fn condition(&self, state: GuardState, message: impl Into<String>) {
+        self.send(Report::Condition {
+            state,
+            message: message.into(),
+        });
     }
 }
 

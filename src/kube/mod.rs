@@ -1,6 +1,7 @@
 //! Everything that talks to the Kubernetes API: the client, the Node's cordon, evictions and
 //! graceful stops, the watches and the Node's Events.
 
+pub mod condition;
 pub mod events;
 pub mod evict;
 pub mod node;

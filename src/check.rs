@@ -1,0 +1,986 @@
+//! `shutdown-guard check`: a preflight run on the node that says, before any shutdown, whether
+//! the agent could do its job there, one line per check with the fix when it fails.
+//!
+//! Gathering (D-Bus, the API server) is kept apart from judging: every `judge_*` function is
+//! pure and unit-tested with plain values.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
+use kube::api::{DynamicObject, ListParams, PostParams};
+use kube::{Api, Client};
+use serde::{Deserialize, Serialize};
+use zbus::Connection;
+
+use crate::config::Settings;
+use crate::drain::model::VMI_NODE_LABEL;
+use crate::logind::{ManagerProxy, WHO};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pass,
+    Warn,
+    Fail,
+}
+
+impl Status {
+    pub fn label(self) -> &'static str {
+        match self {
+            Status::Pass => "PASS",
+            Status::Warn => "WARN",
+            Status::Fail => "FAIL",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub status: Status,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn pass(name: &str, message: impl Into<String>) -> Self {
+        Check {
+            name: name.into(),
+            status: Status::Pass,
+            message: message.into(),
+            fix: None,
+        }
+    }
+    fn warn(name: &str, message: impl Into<String>, fix: impl Into<String>) -> Self {
+        Check {
+            name: name.into(),
+            status: Status::Warn,
+            message: message.into(),
+            fix: Some(fix.into()),
+        }
+    }
+    fn fail(name: &str, message: impl Into<String>, fix: impl Into<String>) -> Self {
+        Check {
+            name: name.into(),
+            status: Status::Fail,
+            message: message.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReport {
+    pub node: String,
+    /// No check failed (and, with `--strict`, none warned).
+    pub ok: bool,
+    pub checks: Vec<Check>,
+}
+
+impl CheckReport {
+    pub fn new(node: &str, checks: Vec<Check>, strict: bool) -> Self {
+        let ok = checks.iter().all(|c| match c.status {
+            Status::Pass => true,
+            Status::Warn => !strict,
+            Status::Fail => false,
+        });
+        CheckReport {
+            node: node.into(),
+            ok,
+            checks,
+        }
+    }
+
+    /// One line per check; the fix indented under a failing or warning one.
+    pub fn render_text(&self) -> String {
+        let width = self.checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+        let mut out = String::new();
+        for c in &self.checks {
+            out.push_str(&format!(
+                "{}  {:width$}  {}\n",
+                c.status.label(),
+                c.name,
+                c.message
+            ));
+            if let Some(fix) = &c.fix {
+                out.push_str(&format!("      {:width$}  fix: {fix}\n", ""));
+            }
+        }
+        let (f, w) = (
+            self.checks
+                .iter()
+                .filter(|c| c.status == Status::Fail)
+                .count(),
+            self.checks
+                .iter()
+                .filter(|c| c.status == Status::Warn)
+                .count(),
+        );
+        out.push_str(&if f > 0 {
+            format!(
+                "node {}: {f} check(s) failed, {w} warning(s): a shutdown now would not be graceful\n",
+                self.node
+            )
+        } else if w > 0 {
+            format!("node {}: ready, with {w} warning(s)\n", self.node)
+        } else {
+            format!("node {}: ready for a graceful shutdown\n", self.node)
+        });
+        out
+    }
+}
+
+// ---- judging (pure) -------------------------------------------------------------------------
+
+pub fn judge_logind(bus: &str, delay: &Result<Duration, String>) -> Check {
+    match delay {
+        Ok(_) => Check::pass("logind", format!("logind answers on {bus}")),
+        Err(e) => Check::fail(
+            "logind",
+            format!("logind does not answer on {bus}: {e}"),
+            "run on the node with the host's system bus mounted (DBUS_SYSTEM_BUS_ADDRESS, e.g. \
+             unix:path=/var/run/dbus/system_bus_socket) and systemd-logind or elogind running",
+        ),
+    }
+}
+
+pub fn judge_lock(taken: &Result<(), String>) -> Check {
+    match taken {
+        Ok(()) => Check::pass(
+            "delay-lock",
+            "a delay inhibitor lock on shutdown can be taken (taken and released at once)",
+        ),
+        Err(e) => Check::fail(
+            "delay-lock",
+            format!("logind refused a delay lock on shutdown: {e}"),
+            "allow the agent org.freedesktop.login1.inhibit-delay-shutdown in polkit (root has it), \
+             or run the agent as root",
+        ),
+    }
+}
+
+fn secs(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+/// logind's delay against what a drain needs: the drain budget plus the safety margin.
+pub fn judge_delay(
+    delay: Option<Duration>,
+    budget: Duration,
+    margin: Duration,
+    set_by: Option<&(PathBuf, String)>,
+    dropin: &std::path::Path,
+) -> Check {
+    let Some(delay) = delay else {
+        return Check::fail(
+            "inhibit-delay",
+            "InhibitDelayMaxUSec could not be read",
+            "see the logind check",
+        );
+    };
+    let needed = budget + margin;
+    let source = match set_by {
+        Some((file, value)) => format!("InhibitDelayMaxSec={value} set by {}", file.display()),
+        None => "no configuration file sets InhibitDelayMaxSec (logind's default, 5s)".into(),
+    };
+    if delay >= needed {
+        return Check::pass(
+            "inhibit-delay",
+            format!(
+                "logind waits up to {} for delay locks, enough for the drain budget {} + margin {} ({source})",
+                secs(delay),
+                secs(budget),
+                secs(margin)
+            ),
+        );
+    }
+    let later_name = match set_by.and_then(|(f, _)| f.file_name()) {
+        Some(n) if n.to_string_lossy().as_ref() >= "99-shutdown-guard.conf" => format!(
+            "; the file setting it sorts after {} so name yours to sort after {}",
+            dropin.display(),
+            n.to_string_lossy()
+        ),
+        _ => String::new(),
+    };
+    Check::fail(
+        "inhibit-delay",
+        format!(
+            "logind waits at most {} for delay locks but a drain needs {} (budget {} + margin {}): \
+             VMs still on the node after {} are cut off ({source})",
+            secs(delay),
+            secs(needed),
+            secs(budget),
+            secs(margin),
+            secs(delay)
+        ),
+        format!(
+            "set InhibitDelayMaxSec={}s in {} and reload logind (or run the agent with \
+             --write-logind-dropin){later_name}; or lower --drain-budget",
+            needed.as_secs(),
+            dropin.display()
+        ),
+    )
+}
+
+/// An inhibitor as logind lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inhibitor {
+    pub what: String,
+    pub who: String,
+    pub why: String,
+    pub mode: String,
+    pub pid: u32,
+}
+
+/// Who we name our own short-lived lock.
+pub const CHECK_WHO: &str = "shutdown-guard check";
+
+pub fn judge_inhibitors(list: &[Inhibitor]) -> Check {
+    let on_shutdown = |i: &&Inhibitor| i.what.split(':').any(|w| w == "shutdown");
+    let agent = list
+        .iter()
+        .filter(on_shutdown)
+        .any(|i| i.who == WHO && i.mode == "delay");
+    let others: Vec<&Inhibitor> = list
+        .iter()
+        .filter(on_shutdown)
+        .filter(|i| i.who != WHO && i.who != CHECK_WHO)
+        .collect();
+    let agent_note = if agent {
+        "the agent's lock is held"
+    } else {
+        "the agent's lock is not held (agent not running here?)"
+    };
+    let names = |v: &[&Inhibitor]| {
+        v.iter()
+            .map(|i| format!("{} ({}, pid {}: {:?})", i.who, i.mode, i.pid, i.why))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let kubelet: Vec<&Inhibitor> = others
+        .iter()
+        .copied()
+        .filter(|i| i.who == "kubelet" && i.mode == "delay")
+        .collect();
+    if !kubelet.is_empty() {
+        return Check::fail(
+            "inhibitors",
+            format!(
+                "kubelet holds a delay lock on shutdown ({}): kubelet graceful node shutdown kills the \
+                 node's pods locally when the shutdown starts, without the Eviction API, so KubeVirt \
+                 stops the VMs instead of migrating them; {agent_note}",
+                names(&kubelet)
+            ),
+            "turn kubelet graceful node shutdown off: shutdownGracePeriod: 0s and \
+             shutdownGracePeriodCriticalPods: 0s in the KubeletConfiguration, then restart kubelet",
+        );
+    }
+    let blockers: Vec<&Inhibitor> = others
+        .iter()
+        .copied()
+        .filter(|i| i.mode == "block")
+        .collect();
+    if !blockers.is_empty() {
+        return Check::warn(
+            "inhibitors",
+            format!(
+                "shutdown is blocked by {}: logind refuses the shutdown itself while it is held; {agent_note}",
+                names(&blockers)
+            ),
+            "expected only while that program works; otherwise stop it",
+        );
+    }
+    if !others.is_empty() {
+        return Check::warn(
+            "inhibitors",
+            format!(
+                "other delay locks on shutdown: {}; they share logind's InhibitDelayMaxSec with the agent; {agent_note}",
+                names(&others)
+            ),
+            "make sure they release quickly, or their work may race the drain",
+        );
+    }
+    Check::pass(
+        "inhibitors",
+        format!("no other program delays or blocks shutdown; {agent_note}"),
+    )
+}
+
+/// A permission the agent needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    pub group: &'static str,
+    pub resource: &'static str,
+    pub subresource: Option<&'static str>,
+    pub verb: &'static str,
+    /// Checked on our Node by name.
+    pub on_node: bool,
+}
+
+const fn rule(
+    group: &'static str,
+    resource: &'static str,
+    subresource: Option<&'static str>,
+    verb: &'static str,
+    on_node: bool,
+) -> Rule {
+    Rule {
+        group,
+        resource,
+        subresource,
+        verb,
+        on_node,
+    }
+}
+
+/// Everything `shutdown-guard run` calls (and `drain` on demand).
+pub const RULES: &[Rule] = &[
+    rule("", "nodes", None, "get", true),
+    rule("", "nodes", None, "patch", true),
+    rule("", "nodes", Some("status"), "patch", true),
+    rule("", "pods", None, "list", false),
+    rule("", "pods", None, "watch", false),
+    rule("", "pods", None, "delete", false),
+    rule("", "pods", Some("eviction"), "create", false),
+    rule(
+        "kubevirt.io",
+        "virtualmachineinstances",
+        None,
+        "list",
+        false,
+    ),
+    rule(
+        "kubevirt.io",
+        "virtualmachineinstances",
+        None,
+        "watch",
+        false,
+    ),
+    rule("events.k8s.io", "events", None, "create", false),
+    rule("events.k8s.io", "events", None, "patch", false),
+];
+
+impl Rule {
+    pub fn describe(&self) -> String {
+        let res = match self.subresource {
+            Some(s) => format!("{}/{s}", self.resource),
+            None => self.resource.to_string(),
+        };
+        let group = if self.group.is_empty() {
+            "core"
+        } else {
+            self.group
+        };
+        format!("{} {res} ({group})", self.verb)
+    }
+}
+
+pub fn judge_rbac(user: &str, answers: &[(Rule, Result<bool, String>)]) -> Check {
+    let missing: Vec<&Rule> = answers
+        .iter()
+        .filter(|(_, a)| !matches!(a, Ok(true)))
+        .map(|(r, _)| r)
+        .collect();
+    let errors: Vec<String> = answers
+        .iter()
+        .filter_map(|(r, a)| a.as_ref().err().map(|e| format!("{}: {e}", r.describe())))
+        .collect();
+    if missing.is_empty() {
+        return Check::pass(
+            "rbac",
+            format!(
+                "{user} may do all {} API calls the agent makes",
+                answers.len()
+            ),
+        );
+    }
+    let rules: Vec<String> = missing
+        .iter()
+        .map(|r| {
+            format!(
+                "{{apiGroups: [\"{}\"], resources: [\"{}\"], verbs: [\"{}\"]}}",
+                r.group,
+                match r.subresource {
+                    Some(s) => format!("{}/{s}", r.resource),
+                    None => r.resource.into(),
+                },
+                r.verb
+            )
+        })
+        .collect();
+    Check::fail(
+        "rbac",
+        format!(
+            "{user} may not: {}{}",
+            missing
+                .iter()
+                .map(|r| r.describe())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if errors.is_empty() {
+                String::new()
+            } else {
+                format!(" (review failed: {})", errors.join("; "))
+            }
+        ),
+        format!(
+            "add to the agent's ClusterRole (shutdown-guard): {}",
+            rules.join(", ")
+        ),
+    )
+}
+
+pub fn judge_crds(resources: &Result<Vec<String>, String>) -> Check {
+    match resources {
+        Ok(r) if r.iter().any(|n| n == "virtualmachineinstances") => Check::pass(
+            "kubevirt",
+            "kubevirt.io/v1 virtualmachineinstances is served",
+        ),
+        Ok(_) => Check::fail(
+            "kubevirt",
+            "kubevirt.io/v1 is served but without virtualmachineinstances",
+            "install KubeVirt (virt-operator and a KubeVirt CR)",
+        ),
+        Err(e) => Check::fail(
+            "kubevirt",
+            format!("kubevirt.io/v1 is not served: {e}"),
+            "install KubeVirt (virt-operator and a KubeVirt CR); without it the agent has nothing to move",
+        ),
+    }
+}
+
+/// What decides one VMI's fate on eviction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmiFacts {
+    pub key: String,
+    /// `spec.evictionStrategy`.
+    pub strategy: Option<String>,
+    /// The `LiveMigratable` condition: status and reason.
+    pub live_migratable: Option<(bool, Option<String>)>,
+}
+
+/// Where the cluster-wide strategy comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterStrategy {
+    /// `spec.configuration.evictionStrategy` of the KubeVirt CR.
+    Configured(String),
+    /// A KubeVirt CR without the setting: KubeVirt's default, None.
+    Unset,
+    /// No KubeVirt CR could be found (or read): KubeVirt's default, None, assumed.
+    NoCr(String),
+}
+
+/// What an eviction of a VMI's launcher pod leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    Migrate,
+    /// The eviction is allowed (None, or LiveMigrateIfPossible without migratability).
+    Stop,
+    /// LiveMigrate but not migratable: KubeVirt refuses; the drain stops it gracefully.
+    RefusedThenStop,
+    /// Left to an external controller.
+    External,
+}
+
+/// The effective strategy (the VMI's, else the cluster's, else KubeVirt's default None, as in
+/// `pod-eviction-admitter.go`), where it comes from, and the VMI's fate on eviction.
+pub fn fate(v: &VmiFacts, cluster: &ClusterStrategy) -> (Fate, String) {
+    let (strategy, from) = match (&v.strategy, cluster) {
+        (Some(s), _) => (s.clone(), "its spec".to_string()),
+        (None, ClusterStrategy::Configured(s)) => (s.clone(), "the cluster default".into()),
+        (None, ClusterStrategy::Unset) => (
+            "None".into(),
+            "KubeVirt's default (the KubeVirt CR sets none)".into(),
+        ),
+        (None, ClusterStrategy::NoCr(why)) => (
+            "None".into(),
+            format!("KubeVirt's default (no KubeVirt CR: {why})"),
+        ),
+    };
+    let migratable = v.live_migratable.as_ref().map(|(m, _)| *m).unwrap_or(false);
+    let why_not = v
+        .live_migratable
+        .as_ref()
+        .and_then(|(_, r)| r.clone())
+        .unwrap_or_else(|| "no LiveMigratable condition".into());
+    match strategy.as_str() {
+        "None" => (
+            Fate::Stop,
+            format!(
+                "evictionStrategy None from {from}: the eviction is allowed and the VM shuts down"
+            ),
+        ),
+        "LiveMigrate" if !migratable => (
+            Fate::RefusedThenStop,
+            format!(
+                "evictionStrategy LiveMigrate from {from} but not live-migratable ({why_not}): KubeVirt refuses the eviction; the drain stops it gracefully"
+            ),
+        ),
+        "LiveMigrateIfPossible" if !migratable => (
+            Fate::Stop,
+            format!(
+                "LiveMigrateIfPossible from {from} but not live-migratable ({why_not}): the VM shuts down"
+            ),
+        ),
+        "External" => (
+            Fate::External,
+            format!("evictionStrategy External from {from}: an external controller must move it"),
+        ),
+        other => (
+            Fate::Migrate,
+            format!("evictionStrategy {other} from {from}, live-migratable"),
+        ),
+    }
+}
+
+/// KubeVirt's rule (`pod-eviction-admitter.go`): the VMI's strategy, else the cluster's, else
+/// None. One check per VMI that will not migrate; a single pass when all will.
+pub fn judge_vmis(node: &str, vmis: &[VmiFacts], cluster: &ClusterStrategy) -> Vec<Check> {
+    let mut out = Vec::new();
+    let mut migrating = 0;
+    for v in vmis {
+        let name = format!("vmi {}", v.key);
+        let (f, why) = fate(v, cluster);
+        match f {
+            Fate::Migrate => migrating += 1,
+            Fate::Stop => out.push(Check::warn(
+                &name,
+                format!("will be shut down, not migrated: {why}"),
+                "if it should move, set spec.evictionStrategy: LiveMigrate on its VM \
+                 (or spec.configuration.evictionStrategy in the KubeVirt CR)",
+            )),
+            Fate::RefusedThenStop => out.push(Check::warn(
+                &name,
+                format!("will be shut down, not migrated: {why}"),
+                "remove what makes it non-migratable (e.g. a ReadWriteOnce disk, host devices), \
+                 or accept that it stops",
+            )),
+            Fate::External => out.push(Check::warn(
+                &name,
+                why,
+                "make sure the external controller runs, or use LiveMigrate",
+            )),
+        }
+    }
+    if out.is_empty() {
+        out.push(Check::pass(
+            "vmis",
+            format!("all {migrating} VMI(s) on {node} will live-migrate"),
+        ));
+    }
+    out
+}
+
+// ---- gathering ------------------------------------------------------------------------------
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Client(#[from] crate::kube::ClientError),
+}
+
+const BUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn timed<T, E: std::fmt::Display>(
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(BUS_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {BUS_TIMEOUT:?}")),
+    }
+}
+
+struct LogindFacts {
+    delay: Result<Duration, String>,
+    lock: Result<(), String>,
+    inhibitors: Result<Vec<Inhibitor>, String>,
+}
+
+async fn logind_facts() -> LogindFacts {
+    let conn = match timed(Connection::system()).await {
+        Ok(c) => c,
+        Err(e) => {
+            return LogindFacts {
+                delay: Err(e.clone()),
+                lock: Err(e.clone()),
+                inhibitors: Err(e),
+            };
+        }
+    };
+    let proxy = match timed(
+        ManagerProxy::builder(&conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build(),
+    )
+    .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            return LogindFacts {
+                delay: Err(e.clone()),
+                lock: Err(e.clone()),
+                inhibitors: Err(e),
+            };
+        }
+    };
+    let delay = timed(proxy.inhibit_delay_max_usec())
+        .await
+        .map(Duration::from_micros);
+    // Taken and dropped at once: the fd closing releases it.
+    let lock = timed(proxy.inhibit(
+        "shutdown",
+        CHECK_WHO,
+        "preflight: checking that a delay lock can be taken",
+        "delay",
+    ))
+    .await
+    .map(drop);
+    let inhibitors = timed(proxy.list_inhibitors()).await.map(|l| {
+        l.into_iter()
+            .map(|(what, who, why, mode, _uid, pid)| Inhibitor {
+                what,
+                who,
+                why,
+                mode,
+                pid,
+            })
+            .collect()
+    });
+    LogindFacts {
+        delay,
+        lock,
+        inhibitors,
+    }
+}
+
+async fn rbac_answers(client: &Client, node: &str) -> Vec<(Rule, Result<bool, String>)> {
+    let api: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    let mut out = Vec::new();
+    for r in RULES {
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some(r.group.into()),
+                    resource: Some(r.resource.into()),
+                    subresource: r.subresource.map(Into::into),
+                    verb: Some(r.verb.into()),
+                    name: r.on_node.then(|| node.to_string()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let answer = api
+            .create(&PostParams::default(), &review)
+            .await
+            .map(|r| r.status.map(|s| s.allowed).unwrap_or(false))
+            .map_err(|e| e.to_string());
+        out.push((*r, answer));
+    }
+    out
+}
+
+async fn whoami(client: &Client) -> String {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let api: Api<SelfSubjectReview> = Api::all(client.clone());
+    match api
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+    {
+        Ok(r) => r
+            .status
+            .and_then(|s| s.user_info)
+            .and_then(|u| u.username)
+            .unwrap_or_else(|| "this user".into()),
+        Err(_) => "this user".into(),
+    }
+}
+
+fn kubevirt_cr_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "kubevirt.io".into(),
+        version: "v1".into(),
+        api_version: "kubevirt.io/v1".into(),
+        kind: "KubeVirt".into(),
+        plural: "kubevirts".into(),
+    }
+}
+
+pub async fn cluster_strategy(client: &Client) -> ClusterStrategy {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &kubevirt_cr_resource());
+    match api.list(&ListParams::default()).await {
+        Ok(list) => match list.items.first() {
+            None => ClusterStrategy::NoCr("none exists".into()),
+            Some(cr) => match cr
+                .data
+                .pointer("/spec/configuration/evictionStrategy")
+                .and_then(|v| v.as_str())
+            {
+                Some(s) => ClusterStrategy::Configured(s.into()),
+                None => ClusterStrategy::Unset,
+            },
+        },
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            ClusterStrategy::NoCr("the KubeVirt resource is not served".into())
+        }
+        Err(e) => ClusterStrategy::NoCr(format!("cannot list it: {e}")),
+    }
+}
+
+pub fn vmi_facts(o: &DynamicObject) -> VmiFacts {
+    let key = format!(
+        "{}/{}",
+        o.metadata.namespace.as_deref().unwrap_or(""),
+        o.metadata.name.as_deref().unwrap_or("")
+    );
+    let strategy = o
+        .data
+        .pointer("/spec/evictionStrategy")
+        .and_then(|v| v.as_str())
+        .map(String::from);
+    let live_migratable = o
+        .data
+        .pointer("/status/conditions")
+        .and_then(|c| c.as_array())
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c.get("type").and_then(|t| t.as_str()) == Some("LiveMigratable"))
+        })
+        .map(|c| {
+            (
+                c.get("status").and_then(|s| s.as_str()) == Some("True"),
+                c.get("reason")
+                    .and_then(|s| s.as_str())
+                    .map(String::from)
+                    .or_else(|| c.get("message").and_then(|s| s.as_str()).map(String::from)),
+            )
+        });
+    VmiFacts {
+        key,
+        strategy,
+        live_migratable,
+    }
+}
+
+/// Runs every check against this node's logind and the cluster.
+pub async fn run(settings: &Settings, strict: bool) -> Result<CheckReport, CheckError> {
+    let node = &settings.node;
+    let bus = std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
+        .unwrap_or_else(|_| "unix:path=/var/run/dbus/system_bus_socket".into());
+    let lf = logind_facts().await;
+    let mut checks = vec![judge_logind(&bus, &lf.delay)];
+    if lf.delay.is_ok() {
+        checks.push(judge_lock(&lf.lock));
+        let set_by = crate::logind_conf::find_effective_setting(&settings.host_root);
+        checks.push(judge_delay(
+            lf.delay.as_ref().ok().copied(),
+            settings.drain_budget,
+            settings.safety_margin,
+            set_by.as_ref(),
+            &settings.logind_dropin,
+        ));
+        match &lf.inhibitors {
+            Ok(list) => checks.push(judge_inhibitors(list)),
+            Err(e) => checks.push(Check::fail(
+                "inhibitors",
+                format!("ListInhibitors failed: {e}"),
+                "see the logind check",
+            )),
+        }
+    }
+
+    let client = crate::kube::client(settings.kubeconfig.as_deref()).await?;
+    match tokio::time::timeout(BUS_TIMEOUT, client.apiserver_version()).await {
+        Ok(Ok(v)) => checks.push(Check::pass(
+            "api-server",
+            format!(
+                "the API server answers (Kubernetes {}.{})",
+                v.major, v.minor
+            ),
+        )),
+        other => {
+            let e = match other {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!("no answer within {BUS_TIMEOUT:?}"),
+            };
+            checks.push(Check::fail(
+                "api-server",
+                format!("the API server does not answer: {e}"),
+                "check --kubeconfig / the in-cluster service account and the network to the API server",
+            ));
+            return Ok(CheckReport::new(node, checks, strict));
+        }
+    }
+    let user = whoami(&client).await;
+    checks.push(judge_rbac(&user, &rbac_answers(&client, node).await));
+    let served = client
+        .list_api_group_resources("kubevirt.io/v1")
+        .await
+        .map(|l| l.resources.into_iter().map(|r| r.name).collect::<Vec<_>>())
+        .map_err(|e| e.to_string());
+    checks.push(judge_crds(&served));
+    if served.is_ok() {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &crate::kube::vmi_resource());
+        match api
+            .list(&ListParams::default().labels(&format!("{VMI_NODE_LABEL}={node}")))
+            .await
+        {
+            Ok(list) => {
+                let facts: Vec<VmiFacts> = list.items.iter().map(vmi_facts).collect();
+                let cluster = cluster_strategy(&client).await;
+                checks.extend(judge_vmis(node, &facts, &cluster));
+            }
+            Err(e) => checks.push(Check::fail(
+                "vmis",
+                format!("listing the node's VMIs failed: {e}"),
+                "see the rbac check",
+            )),
+        }
+    }
+    Ok(CheckReport::new(node, checks, strict))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inh(who: &str, mode: &str) -> Inhibitor {
+        Inhibitor {
+            what: "shutdown".into(),
+            who: who.into(),
+            why: "w".into(),
+            mode: mode.into(),
+            pid: 7,
+        }
+    }
+
+    #[test]
+    fn a_short_delay_fails_and_names_the_file() {
+        let set_by = (
+            PathBuf::from("/run/systemd/logind.conf.d/90-testbed.conf"),
+            "5".to_string(),
+        );
+        let c = judge_delay(
+            Some(Duration::from_secs(5)),
+            Duration::from_secs(300),
+            Duration::from_secs(5),
+            Some(&set_by),
+            std::path::Path::new("/etc/systemd/logind.conf.d/99-shutdown-guard.conf"),
+        );
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.message.contains("90-testbed.conf"), "{}", c.message);
+        assert!(c.fix.unwrap().contains("InhibitDelayMaxSec=305s"));
+        let ok = judge_delay(
+            Some(Duration::from_secs(400)),
+            Duration::from_secs(300),
+            Duration::from_secs(5),
+            None,
+            std::path::Path::new("/x.conf"),
+        );
+        assert_eq!(ok.status, Status::Pass);
+    }
+
+    #[test]
+    fn a_later_sorting_dropin_is_called_out() {
+        let set_by = (
+            PathBuf::from("/etc/systemd/logind.conf.d/99-unattended-upgrades.conf"),
+            "30".to_string(),
+        );
+        let c = judge_delay(
+            Some(Duration::from_secs(30)),
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+            Some(&set_by),
+            std::path::Path::new("/etc/systemd/logind.conf.d/99-shutdown-guard.conf"),
+        );
+        assert!(
+            c.fix
+                .unwrap()
+                .contains("sort after 99-unattended-upgrades.conf")
+        );
+    }
+
+    #[test]
+    fn kubelet_lock_fails_other_delay_locks_warn() {
+        let c = judge_inhibitors(&[inh(WHO, "delay"), inh("kubelet", "delay")]);
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.message.contains("kills the node's pods locally"));
+        assert!(c.fix.unwrap().contains("shutdownGracePeriod: 0s"));
+        assert_eq!(
+            judge_inhibitors(&[inh(WHO, "delay"), inh("backup", "delay")]).status,
+            Status::Warn
+        );
+        let ok = judge_inhibitors(&[inh(WHO, "delay"), inh(CHECK_WHO, "delay")]);
+        assert_eq!(ok.status, Status::Pass);
+        assert!(ok.message.contains("agent's lock is held"));
+    }
+
+    #[test]
+    fn missing_rbac_names_the_rule() {
+        let answers = vec![
+            (RULES[0], Ok(true)),
+            (RULES[6], Ok(false)),
+            (RULES[2], Err("boom".to_string())),
+        ];
+        let c = judge_rbac("system:serviceaccount:x:y", &answers);
+        assert_eq!(c.status, Status::Fail);
+        assert!(
+            c.message.contains("create pods/eviction (core)"),
+            "{}",
+            c.message
+        );
+        assert!(c.message.contains("patch nodes/status"));
+        assert!(c.fix.unwrap().contains("pods/eviction"));
+        assert_eq!(
+            judge_rbac("u", &[(RULES[0], Ok(true))]).status,
+            Status::Pass
+        );
+    }
+
+    #[test]
+    fn vmis_that_will_not_migrate() {
+        let live = VmiFacts {
+            key: "default/live-1".into(),
+            strategy: Some("LiveMigrate".into()),
+            live_migratable: Some((true, None)),
+        };
+        let by_default = VmiFacts {
+            key: "default/plain-1".into(),
+            strategy: None,
+            live_migratable: Some((true, None)),
+        };
+        let stuck = VmiFacts {
+            key: "default/stuck-1".into(),
+            strategy: Some("LiveMigrate".into()),
+            live_migratable: Some((false, Some("DisksNotLiveMigratable".into()))),
+        };
+        let out = judge_vmis(
+            "n",
+            &[live.clone(), by_default.clone(), stuck],
+            &ClusterStrategy::NoCr("none exists".into()),
+        );
+        assert_eq!(out.len(), 2);
+        assert!(out[0].message.contains("KubeVirt's default"));
+        assert!(out[1].message.contains("DisksNotLiveMigratable"));
+        assert!(out.iter().all(|c| c.status == Status::Warn));
+        let cluster_live = judge_vmis(
+            "n",
+            &[live, by_default],
+            &ClusterStrategy::Configured("LiveMigrate".into()),
+        );
+        assert_eq!(cluster_live.len(), 1);
+        assert_eq!(cluster_live[0].status, Status::Pass);
+    }
+
+    #[test]
+    fn strict_turns_warnings_into_failure() {
+        let checks = vec![Check::warn("vmi x", "m", "f")];
+        assert!(CheckReport::new("n", checks.clone(), false).ok);
+        assert!(!CheckReport::new("n", checks, true).ok);
+    }
+}

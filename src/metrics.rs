@@ -1,0 +1,233 @@
+//! The agent's Prometheus metrics (OpenMetrics text on `/metrics`).
+//!
+//! Names follow Prometheus conventions: a `shutdown_guard_` prefix, `_total` on counters (added
+//! by the encoder), base units (seconds) in the name.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    /// The shutdown type logind sent (`poweroff`, `reboot`, …), `unknown` without metadata,
+    /// `on-demand` never (the CLI drain has no metrics endpoint).
+    pub r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+/// Drain durations from a second to well past logind's usual maximum delays.
+const DRAIN_BUCKETS: [f64; 12] = [
+    1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0, 1200.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub lock_held: Gauge,
+    pub shutdowns: Family<TypeLabel, Counter>,
+    pub drain_duration: Family<OutcomeLabel, Histogram>,
+    pub vmis_migrated: Counter,
+    pub vmis_stopped: Counter,
+    pub vmis_remaining: Gauge,
+    pub evictions: Family<OutcomeLabel, Counter>,
+    pub deadline_reached: Counter,
+    pub logind_reconnects: Counter,
+    pub inhibit_delay_max: Gauge<f64, AtomicU64>,
+    pub draining: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("shutdown_guard");
+        let m = Metrics {
+            lock_held: Gauge::default(),
+            shutdowns: Family::default(),
+            drain_duration: Family::new_with_constructor(|| Histogram::new(DRAIN_BUCKETS)),
+            vmis_migrated: Counter::default(),
+            vmis_stopped: Counter::default(),
+            vmis_remaining: Gauge::default(),
+            evictions: Family::default(),
+            deadline_reached: Counter::default(),
+            logind_reconnects: Counter::default(),
+            inhibit_delay_max: Gauge::default(),
+            draining: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "lock_held",
+            "1 while the logind delay inhibitor lock is held",
+            m.lock_held.clone(),
+        );
+        registry.register(
+            "shutdowns",
+            "Shutdowns announced by logind, by type",
+            m.shutdowns.clone(),
+        );
+        registry.register(
+            "drain_duration_seconds",
+            "From the shutdown signal to the lock's release, by outcome (empty or deadline)",
+            m.drain_duration.clone(),
+        );
+        registry.register(
+            "vmis_migrated",
+            "VMIs that left the node by live migration during a drain",
+            m.vmis_migrated.clone(),
+        );
+        registry.register(
+            "vmis_stopped",
+            "VMIs that stopped on the node during a drain",
+            m.vmis_stopped.clone(),
+        );
+        registry.register(
+            "vmis_remaining",
+            "VMIs still running on the node during the current drain",
+            m.vmis_remaining.clone(),
+        );
+        registry.register(
+            "evictions",
+            "Eviction API answers, by outcome",
+            m.evictions.clone(),
+        );
+        registry.register(
+            "deadline_reached",
+            "Drains that ended at the deadline with VMIs or pods left",
+            m.deadline_reached.clone(),
+        );
+        registry.register(
+            "logind_reconnects",
+            "Times the lock was taken again after logind or the bus went away",
+            m.logind_reconnects.clone(),
+        );
+        registry.register(
+            "inhibit_delay_max_seconds",
+            "logind's effective InhibitDelayMaxUSec",
+            m.inhibit_delay_max.clone(),
+        );
+        registry.register(
+            "draining",
+            "1 while a drain is under way",
+            m.draining.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn shutdown(&self, kind: Option<&str>) {
+        self.shutdowns
+            .get_or_create(&TypeLabel {
+                r#type: kind.filter(|k| !k.is_empty()).unwrap_or("unknown").into(),
+            })
+            .inc();
+    }
+
+    pub fn eviction(&self, outcome: &str) {
+        self.evictions
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn drained(&self, outcome: &str, seconds: f64) {
+        self.drain_duration
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .observe(seconds);
+    }
+}
+
+/// One sample from an OpenMetrics text: the value of `name` with exactly `labels` (a
+/// `k="v",…` string, empty for none). For tests and `status`.
+pub fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let want = if labels.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        (series == want).then(|| value.parse().ok())?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_every_family_and_counts() {
+        let m = Metrics::new();
+        m.lock_held.set(1);
+        m.shutdown(Some("poweroff"));
+        m.shutdown(None);
+        m.eviction("evacuating");
+        m.eviction("evacuating");
+        m.drained("empty", 3.2);
+        m.inhibit_delay_max.set(60.0);
+        let t = m.encode();
+        assert!(t.ends_with("# EOF\n"), "OpenMetrics ends with EOF: {t}");
+        assert_eq!(sample(&t, "shutdown_guard_lock_held", ""), Some(1.0));
+        assert_eq!(
+            sample(&t, "shutdown_guard_shutdowns_total", "type=\"poweroff\""),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, "shutdown_guard_shutdowns_total", "type=\"unknown\""),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &t,
+                "shutdown_guard_evictions_total",
+                "outcome=\"evacuating\""
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(
+                &t,
+                "shutdown_guard_drain_duration_seconds_count",
+                "outcome=\"empty\""
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, "shutdown_guard_inhibit_delay_max_seconds", ""),
+            Some(60.0)
+        );
+        for family in [
+            "vmis_migrated",
+            "vmis_stopped",
+            "vmis_remaining",
+            "deadline_reached",
+            "logind_reconnects",
+        ] {
+            assert!(
+                t.contains(&format!("# TYPE shutdown_guard_{family} ")),
+                "{family} missing"
+            );
+        }
+    }
+}
