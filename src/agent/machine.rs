@@ -495,15 +495,29 @@ impl Machine {
         let Phase::Draining(d) = &self.phase else {
             return;
         };
+        let plan = self.plan();
         if d.cordon == CordonState::Pending {
-            // Evicting before the cordon lands could let a pod come straight back here; a
-            // PATCH is quick, and the deadline still applies.
             if now >= d.deadline {
                 self.release(now, ReleaseReason::Deadline, fx);
+                return;
+            }
+            // Launcher pods go at once, with the cordon in flight: nothing puts a VM back on
+            // this node within that round trip (a migration target never lands on its source,
+            // a restarted VMI comes only after the old one has shut down), and every
+            // millisecond here is taken from the migrations. Other pods wait for the cordon, or
+            // their controllers could recreate them right here; stops and the release wait
+            // too, so the node is never left without our cordon.
+            let Phase::Draining(d) = &mut self.phase else {
+                return;
+            };
+            for r in &plan.vm_pods {
+                if !d.evictions.contains_key(&r.uid) {
+                    d.evictions.insert(r.uid.clone(), Track::in_flight());
+                    fx.push(Effect::Evict(r.clone()));
+                }
             }
             return;
         }
-        let plan = self.plan();
         let vmis_left: Vec<&VmiInfo> = self
             .vmis
             .live

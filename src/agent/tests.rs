@@ -54,17 +54,19 @@ impl Bed {
         self.feed(0, Input::Pods(WatchUpdate::Synced));
     }
 
-    /// Shutdown signal and our own cordon: returns the evictions sent.
+    /// Shutdown signal and our own cordon: returns what both sent besides the cordon itself.
     fn start(&mut self, ms: u64) -> Vec<Effect> {
-        let fx = self.feed(
+        let mut fx = self.feed(
             ms,
             Input::Shutdown {
                 start: true,
                 kind: Some("poweroff".into()),
             },
         );
-        assert_eq!(fx, vec![Effect::Cordon]);
-        self.feed(ms, Input::Cordoned(CordonResult::CordonedByUs))
+        assert_eq!(fx.first(), Some(&Effect::Cordon), "the cordon goes first");
+        fx.remove(0);
+        fx.extend(self.feed(ms, Input::Cordoned(CordonResult::CordonedByUs)));
+        fx
     }
 }
 
@@ -459,14 +461,14 @@ fn admin_cordoned_node_is_not_uncordoned_on_cancel() {
     let mut b = Bed::new(Scope::Vms);
     let a = vmi("a", NODE);
     b.list(std::slice::from_ref(&a), &[launcher(&a, NODE)]);
-    b.feed(
+    let mut fx = b.feed(
         0,
         Input::Shutdown {
             start: true,
             kind: None,
         },
     );
-    let fx = b.feed(1, Input::Cordoned(CordonResult::AlreadyUnschedulable));
+    fx.extend(b.feed(1, Input::Cordoned(CordonResult::AlreadyUnschedulable)));
     assert_eq!(evicts(&fx).len(), 1);
     let fx = b.feed(
         2,
@@ -660,4 +662,34 @@ fn deadline_note_lists_a_bounded_number_of_names() {
         .unwrap();
     assert!(note.ends_with("and 28 more"), "{note}");
     assert!(note.len() < 1024);
+}
+
+#[test]
+fn launchers_go_with_the_cordon_in_flight_other_pods_wait_for_it() {
+    let mut b = Bed::new(Scope::All);
+    let a = vmi("a", NODE);
+    let web = pod("web", NODE);
+    b.list(std::slice::from_ref(&a), &[launcher(&a, NODE), web.clone()]);
+    let fx = b.feed(
+        0,
+        Input::Shutdown {
+            start: true,
+            kind: None,
+        },
+    );
+    assert_eq!(fx.first(), Some(&Effect::Cordon));
+    assert_eq!(evicts(&fx), vec!["virt-launcher-a-abcde"]);
+    // The VM is gone before the cordon answers: still no release, and the web pod waits.
+    let fx = b.feed(3, Input::Vmis(WatchUpdate::Deleted(a.clone())));
+    assert!(
+        released(&fx).is_none(),
+        "released before the cordon landed: {fx:?}"
+    );
+    assert!(evicts(&fx).is_empty());
+    let fx = b.feed(5, Input::Cordoned(CordonResult::CordonedByUs));
+    assert_eq!(
+        evicts(&fx),
+        vec!["web"],
+        "the launcher is not evicted twice"
+    );
 }
