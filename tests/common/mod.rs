@@ -100,8 +100,11 @@ pub fn audit(bed: &Bed) -> Vec<AuditEntry> {
     audit_entries(&bed.control_plane)
 }
 
-/// When the API server finished the last write to `vmi` (`ns/name`) that it received at or
-/// before `seen` (the watch event that showed the VMI gone from the node).
+/// When the API server received the write that took `vmi` (`ns/name`) off the node: the last
+/// status write (or deletion) it received at or before `seen`, the moment the test's watch showed
+/// the VMI gone. A migration and a stop both end with a status write (`nodeName` moved and
+/// `migrationState.completed`, or a final phase); the label write that may follow a migration
+/// is not what took the VMI off the node, so it does not count even when the watch trails it.
 pub fn server_write_before(
     entries: &[AuditEntry],
     vmi: &str,
@@ -114,7 +117,8 @@ pub fn server_write_before(
             e.resource == "virtualmachineinstances"
                 && e.namespace == ns
                 && e.name == name
-                && matches!(e.verb.as_str(), "update" | "patch" | "delete")
+                && ((e.subresource == "status" && matches!(e.verb.as_str(), "update" | "patch"))
+                    || e.verb == "delete")
                 && e.received <= seen
         })
         .map(|e| e.received)

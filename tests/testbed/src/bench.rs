@@ -84,7 +84,7 @@ pub struct BenchArgs {
     /// Skip the latency, footprint and idle runs.
     #[arg(long)]
     pub no_latency: bool,
-    /// The agent binary (default: SHUTDOWN_GUARD_BIN, else target/debug/shutdown-guard).
+    /// The agent binary (default: TESTBED_AGENT_BIN, else target/debug/shutdown-guard).
     #[arg(long)]
     pub agent: Option<PathBuf>,
     /// Where to write the report (default: BENCHMARKS.md at the workspace root).
@@ -373,7 +373,7 @@ fn agent_marks(log: &Path) -> Vec<(String, SystemTime)> {
 
 fn mark(marks: &[(String, SystemTime)], message: &str, last: bool) -> Option<SystemTime> {
     let mut it = marks.iter().filter(|(m, _)| m == message).map(|(_, t)| *t);
-    if last { it.last() } else { it.next() }
+    if last { it.next_back() } else { it.next() }
 }
 
 /// `(VmRSS, VmHWM)` in KiB.
@@ -687,7 +687,7 @@ impl AgentPod {
             .pod_command(program, &["run", "--node", NODE, "--log-format", "json"])
             .await;
         // The agent reads every SHUTDOWN_GUARD_* variable as configuration and refuses unknown
-        // keys, so the bench's own (SHUTDOWN_GUARD_BIN) must not reach it.
+        // keys, so none of the caller's may reach it.
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("SHUTDOWN_GUARD_") {
                 cmd.env_remove(&key);
@@ -1370,7 +1370,7 @@ fn machine() -> String {
     )
 }
 
-/// Size of the agent binary: `SHUTDOWN_GUARD_BIN` if it names a release build, else the
+/// Size of the agent binary: `TESTBED_AGENT_BIN` if it names a release build, else the
 /// workspace's `target/release/shutdown-guard`.
 fn release_binary(agent: &Path) -> Option<(PathBuf, u64)> {
     let candidates = [
@@ -1810,7 +1810,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     if !s.agent.is_file() {
         bail!(
             "{} is missing: build it (`cargo build --release -p shutdown-guard`) and set \
-             SHUTDOWN_GUARD_BIN, or `cargo build -p shutdown-guard` for the debug build",
+             TESTBED_AGENT_BIN, or `cargo build -p shutdown-guard` for the debug build",
             s.agent.display()
         );
     }
@@ -1826,8 +1826,8 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         image: image_layer(),
         ..Report::default()
     };
-    if let Ok(bin) = std::env::var("SHUTDOWN_GUARD_BIN") {
-        report.command = format!("SHUTDOWN_GUARD_BIN={bin} {}", report.command);
+    if let Ok(bin) = std::env::var("TESTBED_AGENT_BIN") {
+        report.command = format!("TESTBED_AGENT_BIN={bin} {}", report.command);
     }
     if !args.no_overhead {
         for rep in 0..s.reps {

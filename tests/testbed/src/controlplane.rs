@@ -150,6 +150,7 @@ pub struct AuditEvent {
     pub stage: String,
     /// `get`, `list`, `watch`, `create`, `update`, `patch`, `delete`, …
     pub verb: String,
+    #[serde(rename = "requestURI")]
     pub request_uri: String,
     pub user: AuditUser,
     pub object_ref: Option<AuditObjectRef>,

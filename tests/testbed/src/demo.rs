@@ -35,9 +35,9 @@ pub struct DemoArgs {
     pub agent_log: Option<PathBuf>,
 }
 
-/// The agent binary: `SHUTDOWN_GUARD_BIN`, else the workspace's debug build.
+/// The agent binary: `TESTBED_AGENT_BIN`, else the workspace's debug build.
 pub fn agent_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("SHUTDOWN_GUARD_BIN") {
+    if let Some(p) = std::env::var_os("TESTBED_AGENT_BIN") {
         return PathBuf::from(p);
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -81,7 +81,7 @@ async fn ensure_built(logind: LogindKind) -> Result<PathBuf> {
             bail!("tests/testbed/scripts/setup.sh failed ({status}); its output above says why");
         }
     }
-    if std::env::var_os("SHUTDOWN_GUARD_BIN").is_none() {
+    if std::env::var_os("TESTBED_AGENT_BIN").is_none() {
         step("building shutdown-guard");
         let status =
             tokio::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -104,7 +104,7 @@ async fn ensure_built(logind: LogindKind) -> Result<PathBuf> {
     let bin = agent_binary();
     if !bin.is_file() {
         bail!(
-            "{} is missing: set SHUTDOWN_GUARD_BIN to the agent binary",
+            "{} is missing: set TESTBED_AGENT_BIN to the agent binary",
             bin.display()
         );
     }
