@@ -15,7 +15,7 @@ use common::*;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use serde_json::json;
 use shutdown_guard::metrics::sample;
@@ -440,7 +440,9 @@ fn watch_condition(client: Client) -> Arc<Mutex<Vec<String>>> {
     tokio::spawn(async move {
         let api: Api<Node> = Api::all(client);
         let cfg = watcher::Config::default().fields(&format!("metadata.name={NODE}"));
-        let mut stream = std::pin::pin!(watcher::watcher(api, cfg));
+        // Backoff: once the bed is torn down every retry fails at once, and a retry loop that
+        // never waits would keep the runtime from shutting the test down.
+        let mut stream = std::pin::pin!(watcher::watcher(api, cfg).default_backoff());
         while let Some(ev) = stream.next().await {
             let node = match ev {
                 Ok(watcher::Event::Apply(n)) | Ok(watcher::Event::InitApply(n)) => n,
