@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{AGENT, WHO, init_tracing, server_write_before};
+use common::{AGENT, WHO, guard_lock, init_tracing, server_write_before};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -22,7 +22,6 @@ use kube::Api;
 use kube::api::PostParams;
 use testbed::bed::{Bed, BedOptions, LogindKind, NODE};
 use testbed::kubevirt::KubeVirtOptions;
-use testbed::logind::Inhibitor;
 use testbed::timeline::{Change, Recorder, audit_entries};
 
 /// The identity the host-mode agent uses: a client certificate, bound to the shipped ClusterRole.
@@ -100,13 +99,6 @@ fn forward(
                 }
             });
         }
-    })
-}
-
-async fn lock(bed: &Bed) -> Option<Inhibitor> {
-    bed.list_inhibitors().await.ok().and_then(|l| {
-        l.into_iter()
-            .find(|i| i.who == WHO && i.mode == "delay" && i.what.contains("shutdown"))
     })
 }
 
@@ -291,7 +283,7 @@ async fn host_mode(logind: LogindKind) {
     // The lock is the service's: logind's holder PID is the unit's main PID.
     let end = Instant::now() + Duration::from_secs(30);
     let held = loop {
-        if let Some(i) = lock(&bed).await {
+        if let Some(i) = guard_lock(&bed).await {
             break i;
         }
         if Instant::now() >= end {

@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{AGENT, WHO, init_tracing, server_write_before};
+use common::{AGENT, WHO, guard_lock, init_tracing, server_write_before, wait_for_lock_logged};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
@@ -31,7 +31,6 @@ use testbed::controlplane::{
     ControlPlane, ControlPlaneOptions, Credentials, client_from_kubeconfig,
 };
 use testbed::kubevirt::KubeVirtOptions;
-use testbed::logind::Inhibitor;
 use testbed::timeline::{Change, Recorder, audit_entries};
 
 const NS: &str = "shutdown-guard";
@@ -353,28 +352,6 @@ async fn sa_token(client: &Client, pod: Option<&Pod>) -> String {
         .expect("a token")
 }
 
-async fn holds_lock(bed: &Bed) -> Option<Inhibitor> {
-    bed.list_inhibitors().await.ok().and_then(|l| {
-        l.into_iter()
-            .find(|i| i.who == WHO && i.mode == "delay" && i.what.contains("shutdown"))
-    })
-}
-
-async fn wait_for_lock(bed: &Bed, log: &Path, timeout: Duration) -> Inhibitor {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(i) = holds_lock(bed).await {
-            return i;
-        }
-        assert!(
-            Instant::now() < end,
-            "shutdown-guard took no lock within {timeout:?}; its log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The DaemonSet's security context for a process: uid 0, no capability in any set, no way to
 /// gain privileges (`allowPrivilegeEscalation: false` is no_new_privs).
 const DROP_ALL: &[&str] = &[
@@ -442,7 +419,7 @@ async fn the_daemonset_identity_drains_its_node_and_is_refused_elsewhere() {
         .kill_on_drop(true)
         .spawn()
         .expect("the agent starts");
-    let lock = wait_for_lock(&bed, &log, Duration::from_secs(30)).await;
+    let lock = wait_for_lock_logged(&bed, &log, Duration::from_secs(30)).await;
     assert_eq!(lock.uid, 0);
     // The agent is running for node-1 with the token before the power-off: no 403 so far.
     let requested = SystemTime::now();
@@ -650,7 +627,7 @@ async fn only_uid_0_without_capabilities_gets_the_lock_on_a_node_without_polkit(
         let end = Instant::now() + Duration::from_secs(5);
         let mut got = None;
         while Instant::now() < end && got.is_none() {
-            got = holds_lock(&bed).await;
+            got = guard_lock(&bed).await;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let _ = child.kill().await;

@@ -294,24 +294,35 @@ async fn scope_all_evicts_other_pods_but_not_daemonsets() {
 
     // Wait until 2 web pods, the DaemonSet's pod and the bare pod run on node-1.
     let on_node1 = ListParams::default().fields(&format!("spec.nodeName={NODE}"));
-    let mut ready = false;
-    for _ in 0..300 {
-        let list = pods.list(&on_node1).await.unwrap();
+    let running_on_node1 = |list: &[std::sync::Arc<Pod>]| {
         let running = |prefix: &str| {
-            list.items
-                .iter()
+            list.iter()
                 .filter(|p| {
                     p.metadata.name.as_deref().unwrap_or("").starts_with(prefix)
                         && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
                 })
                 .count()
         };
-        if running("web-") == 2 && running("node-agent-") == 1 && running("bare") == 1 {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        running("web-") == 2 && running("node-agent-") == 1 && running("bare") == 1
+    };
+    let ready = {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, reflector, watcher};
+        let (reader, writer) = reflector::store();
+        let cfg = watcher::Config::default().fields(&format!("spec.nodeName={NODE}"));
+        let stream = watcher(pods.clone(), cfg).default_backoff().reflect(writer);
+        let mut stream = std::pin::pin!(stream);
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while stream.next().await.is_some() {
+                if running_on_node1(&reader.state()) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false)
+    };
     assert!(ready, "workloads did not start on node-1");
     for n in ["node-2", "node-3"] {
         nodes
@@ -395,18 +406,6 @@ async fn wait_unschedulable(bed: &Bed, want: bool, timeout: Duration) -> bool {
         },
     );
     tokio::time::timeout(timeout, cond).await.is_ok()
-}
-
-/// Waits until the agent's log has a line containing `text` (synchronisation only).
-async fn wait_log(agent: &Agent, text: &str, timeout: Duration) -> bool {
-    let end = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < end {
-        if agent.log_text().contains(text) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }
 
 /// Reboot: the agent cordons during the shutdown; after the node is back with a new boot ID, a
@@ -503,14 +502,12 @@ async fn lock_comes_back_after_logind_or_bus_restart() {
             }
         }
         let restarted = std::time::Instant::now();
-        let mut back = None;
-        while restarted.elapsed() < Duration::from_secs(10) {
-            if holds_lock(&bed).await {
-                back = Some(restarted.elapsed());
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let back = testbed::wait::until(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || async { holds_lock(&bed).await.then(|| restarted.elapsed()) },
+        )
+        .await;
         let Some(back) = back else {
             panic!(
                 "no lock 10 s after restarting {unit}; inhibitors: {:?}; log:\n{}",

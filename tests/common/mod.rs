@@ -4,12 +4,14 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use testbed::bed::{Bed, BedOptions, NODE, Release};
+use testbed::logind::Inhibitor;
 use testbed::timeline::{AuditEntry, audit_entries};
+use testbed::wait;
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_shutdown-guard");
 pub const WHO: &str = "shutdown-guard";
@@ -64,30 +66,43 @@ fn rand_suffix() -> u32 {
     rand::random::<u32>() % 1_000_000
 }
 
-/// Waits until logind lists shutdown-guard's delay lock; panics with the agent's log otherwise.
-pub async fn wait_for_lock(bed: &Bed, agent: &Agent, timeout: Duration) -> Instant {
-    let end = Instant::now() + timeout;
-    loop {
-        if holds_lock(bed).await {
-            return Instant::now();
-        }
-        assert!(
-            Instant::now() < end,
-            "shutdown-guard took no lock within {timeout:?}; its log:\n{}",
-            agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// shutdown-guard's delay lock on node-1, as logind lists it.
+pub async fn guard_lock(bed: &Bed) -> Option<Inhibitor> {
+    bed.list_inhibitors()
+        .await
+        .ok()?
+        .into_iter()
+        .find(|i| i.who == WHO && i.mode == "delay" && i.what.contains("shutdown"))
 }
 
 pub async fn holds_lock(bed: &Bed) -> bool {
-    bed.list_inhibitors()
+    guard_lock(bed).await.is_some()
+}
+
+/// Waits until logind lists shutdown-guard's lock; panics with the agent's log (at `log`)
+/// otherwise.
+pub async fn wait_for_lock_logged(bed: &Bed, log: &Path, timeout: Duration) -> Inhibitor {
+    wait::until(timeout, Duration::from_millis(20), || guard_lock(bed))
         .await
-        .map(|l| {
-            l.iter()
-                .any(|i| i.who == WHO && i.mode == "delay" && i.what.contains("shutdown"))
+        .unwrap_or_else(|| {
+            panic!(
+                "shutdown-guard took no lock within {timeout:?}; its log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
         })
-        .unwrap_or(false)
+}
+
+pub async fn wait_for_lock(bed: &Bed, agent: &Agent, timeout: Duration) -> Inhibitor {
+    wait_for_lock_logged(bed, &agent.log, timeout).await
+}
+
+/// Waits until the agent's log has a line containing `text` (synchronisation only).
+pub async fn wait_log(agent: &Agent, text: &str, timeout: Duration) -> bool {
+    wait::until(timeout, Duration::from_millis(50), || async {
+        agent.log_text().contains(text).then_some(())
+    })
+    .await
+    .is_some()
 }
 
 /// The moment logind stopped listing shutdown-guard's lock.

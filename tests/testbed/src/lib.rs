@@ -16,3 +16,4 @@ pub mod paths;
 pub mod pki;
 pub mod process;
 pub mod timeline;
+pub mod wait;

@@ -292,17 +292,12 @@ impl Recorder {
     /// Waits until every VMI in `vmis` has left the node as the recorder saw it (its watch may
     /// trail the agent's by a few milliseconds); returns whether they all did within `timeout`.
     pub async fn wait_departed(&self, vmis: &[&str], timeout: Duration) -> bool {
-        let end = std::time::Instant::now() + timeout;
-        loop {
+        crate::wait::until(timeout, Duration::from_millis(10), || async {
             let gone = self.departures();
-            if vmis.iter().all(|v| gone.contains_key(*v)) {
-                return true;
-            }
-            if std::time::Instant::now() >= end {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            vmis.iter().all(|v| gone.contains_key(*v)).then_some(())
+        })
+        .await
+        .is_some()
     }
 
     /// VMIs the recorder currently believes run on the node.
