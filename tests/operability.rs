@@ -51,20 +51,13 @@ async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 }
 
 async fn wait_http(port: u16, path: &str, want: u16, timeout: Duration) -> String {
-    let end = Instant::now() + timeout;
-    loop {
-        let r = http_get(port, path).await;
-        if let Some((code, body)) = &r
-            && *code == want
-        {
-            return body.clone();
-        }
-        assert!(
-            Instant::now() < end,
-            "GET {path} did not answer {want} within {timeout:?}: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let got = testbed::wait::until(timeout, Duration::from_millis(50), || async {
+        http_get(port, path)
+            .await
+            .and_then(|(code, body)| (code == want).then_some(body))
+    })
+    .await;
+    got.unwrap_or_else(|| panic!("GET {path} did not answer {want} within {timeout:?}"))
 }
 
 struct Ran {
@@ -200,22 +193,22 @@ async fn hold_delay_lock(bed: &Bed, who: &str, why: &str) -> tokio::process::Chi
         .kill_on_drop(true)
         .spawn()
         .expect("systemd-inhibit starts");
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let listed = bed
-            .list_inhibitors()
-            .await
-            .map(|l| l.iter().any(|i| i.who == who && i.mode == "delay"))
-            .unwrap_or(false);
-        if listed {
-            return child;
-        }
-        assert!(
-            Instant::now() < end,
-            "{who}'s lock not listed by logind within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let listed = testbed::wait::until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            bed.list_inhibitors()
+                .await
+                .ok()
+                .filter(|l| l.iter().any(|i| i.who == who && i.mode == "delay"))
+        },
+    )
+    .await;
+    assert!(
+        listed.is_some(),
+        "{who}'s lock not listed by logind within 10 s"
+    );
+    child
 }
 
 async fn apply(client: &Client, obj: serde_json::Value) {
