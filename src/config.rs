@@ -1,80 +1,71 @@
-//! Agent settings from, lowest to highest precedence: built-in defaults, a TOML or YAML file,
-//! `SHUTDOWN_GUARD_*` environment variables and command-line flags.
+//! The agent's settings, each defined once as a field of [`Settings`]: its type, its default
+//! ([`Settings::default`]), its file key (the field name), its variable (`SHUTDOWN_GUARD_` and
+//! the name in capitals) and, in [`Flags`], its `--flag` (the name with dashes).
 //!
-//! Every value goes through the `config` crate as a string and is validated here, so a bad value
-//! is reported with its key, the value given and what is allowed, whatever source it came from.
+//! Lowest to highest precedence: the defaults, a TOML or YAML file, `SHUTDOWN_GUARD_*` and flags.
+//! The `config` crate layers them; every value, whatever its source, goes through the one parser
+//! of its type, so a bad value is reported with its key, the value given and what is allowed.
 
 use std::collections::HashMap;
+use std::fmt::Display;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub use crate::drain::model::Scope;
 
 /// Environment prefix: `SHUTDOWN_GUARD_SAFETY_MARGIN=10s` sets `safety_margin`.
 pub const ENV_PREFIX: &str = "SHUTDOWN_GUARD";
 
-/// Keys the agent understands; anything else in a file or a `SHUTDOWN_GUARD_*` variable is an
-/// error, because a misspelt key silently falling back to a default is worse than not starting.
-pub const KEYS: &[&str] = &[
-    "node",
-    "kubeconfig",
-    "scope",
-    "safety_margin",
-    "deadline",
-    "drain_budget",
-    "write_logind_dropin",
-    "logind_dropin",
-    "host_root",
-    "boot_id_path",
-    "log_format",
-    "listen_address",
-];
-
-/// Which pods a drain evicts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// Only virt-launcher pods (`kubectl drain --pod-selector=kubevirt.io=virt-launcher`).
-    Vms,
-    /// Every pod but DaemonSet and mirror pods, VMs first
-    /// (`kubectl drain --ignore-daemonsets --delete-emptydir-data --force`).
-    All,
-}
-
-impl std::fmt::Display for Scope {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Scope::Vms => "vms",
-            Scope::All => "all",
-        })
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
     Json,
+    #[default]
     Text,
 }
 
-/// Validated settings.
-#[derive(Debug, Clone, PartialEq)]
+/// Validated settings of `shutdown-guard run` (and `check`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Settings {
+    /// This node's name [default: NODE_NAME, else the hostname].
+    #[serde(with = "node_name")]
     pub node: String,
+    /// Kubeconfig file [default: KUBECONFIG, ~/.kube/config, or in-cluster].
+    #[serde(with = "opt_path")]
     pub kubeconfig: Option<PathBuf>,
+    /// Pods to evict: vms (virt-launcher pods) or all (all but DaemonSet and mirror pods, VMs
+    /// first).
+    #[serde(with = "text")]
     pub scope: Scope,
     /// Taken off logind's `InhibitDelayMaxUSec` so the lock is closed before logind stops waiting.
+    #[serde(with = "duration")]
     pub safety_margin: Duration,
     /// Fixed drain deadline (from the shutdown signal), replacing the one derived from logind.
+    #[serde(with = "opt_duration")]
     pub deadline: Option<Duration>,
     /// How long a drain is wanted to take at most; logind's delay should be at least this long.
+    #[serde(with = "duration")]
     pub drain_budget: Duration,
     /// Write a logind drop-in raising `InhibitDelayMaxSec` to `drain_budget + safety_margin`.
+    #[serde(with = "text")]
     pub write_logind_dropin: bool,
     /// The drop-in written when `write_logind_dropin` is on, relative to `host_root`.
+    #[serde(with = "abs_path")]
     pub logind_dropin: PathBuf,
     /// Where the host's filesystem is mounted (a DaemonSet mounts it under e.g. `/host`).
+    #[serde(with = "abs_path")]
     pub host_root: PathBuf,
+    #[serde(with = "abs_path")]
     pub boot_id_path: PathBuf,
+    #[serde(with = "text")]
     pub log_format: LogFormat,
     /// Where `/metrics`, `/healthz`, `/readyz` and `/status` are served.
-    pub listen_address: std::net::SocketAddr,
+    #[serde(with = "text")]
+    pub listen_address: SocketAddr,
 }
 
 impl Settings {
@@ -86,18 +77,80 @@ impl Settings {
     pub const DEFAULT_LISTEN_ADDRESS: &'static str = "0.0.0.0:8080";
 }
 
-/// Values given on the command line; `None` leaves the key to lower-precedence sources.
-#[derive(Debug, Clone, Default)]
-pub struct Overrides {
-    pub values: Vec<(&'static str, String)>,
-}
-
-impl Overrides {
-    pub fn set(&mut self, key: &'static str, value: Option<impl ToString>) {
-        if let Some(v) = value {
-            self.values.push((key, v.to_string()));
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            node: String::new(),
+            kubeconfig: None,
+            scope: Scope::Vms,
+            safety_margin: Self::DEFAULT_SAFETY_MARGIN,
+            deadline: None,
+            drain_budget: Self::DEFAULT_DRAIN_BUDGET,
+            write_logind_dropin: false,
+            logind_dropin: PathBuf::from(Self::DEFAULT_DROPIN),
+            host_root: PathBuf::from("/"),
+            boot_id_path: PathBuf::from(Self::DEFAULT_BOOT_ID_PATH),
+            log_format: LogFormat::Text,
+            listen_address: Self::DEFAULT_LISTEN_ADDRESS
+                .parse()
+                .expect("the default address parses"),
         }
     }
+}
+
+/// The flags of `run` and `check`: one per setting, typed, each overriding the file and the
+/// environment when given.
+#[derive(Debug, Clone, Default, Serialize, clap::Args)]
+pub struct Flags {
+    /// Kubeconfig file [default: KUBECONFIG, ~/.kube/config, or in-cluster].
+    #[arg(long, value_name = "FILE", help_heading = "General")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name [default: NODE_NAME, else the hostname].
+    #[arg(long, help_heading = "General")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub node: Option<NodeName>,
+    /// Log format [default: text].
+    #[arg(long, value_enum, value_name = "FORMAT", help_heading = "General")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub log_format: Option<LogFormat>,
+    /// File holding the boot ID [default: /proc/sys/kernel/random/boot_id].
+    #[arg(long, value_name = "FILE", help_heading = "General")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub boot_id_path: Option<AbsPath>,
+    /// Pods to evict: vms (virt-launcher pods) or all (all but DaemonSet and mirror pods, VMs first) [default: vms].
+    #[arg(long, value_name = "SCOPE", help_heading = "Drain")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub scope: Option<Scope>,
+    /// Taken off logind's InhibitDelayMaxUSec to get the drain deadline [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_flag_duration, help_heading = "Drain")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_duration")]
+    pub safety_margin: Option<Duration>,
+    /// Fixed drain deadline counted from the shutdown signal, instead of the one from logind.
+    #[arg(long, value_name = "DURATION", value_parser = parse_flag_duration, help_heading = "Drain")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_duration")]
+    pub deadline: Option<Duration>,
+    /// How long a drain may need; warns when logind's delay is shorter [default: 5m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_flag_duration, help_heading = "Drain")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_duration")]
+    pub drain_budget: Option<Duration>,
+    /// Write a logind.conf.d drop-in raising InhibitDelayMaxSec to drain budget + margin, and reload logind.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL",
+          help_heading = "logind configuration")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub write_logind_dropin: Option<bool>,
+    /// The drop-in to write [default: /etc/systemd/logind.conf.d/99-shutdown-guard.conf].
+    #[arg(long, value_name = "FILE", help_heading = "logind configuration")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub logind_dropin: Option<AbsPath>,
+    /// Where the host's filesystem is mounted, for logind configuration files [default: /].
+    #[arg(long, value_name = "DIR", help_heading = "logind configuration")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub host_root: Option<AbsPath>,
+    /// Address for /metrics, /healthz, /readyz and /status [default: 0.0.0.0:8080].
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub listen_address: Option<SocketAddr>,
 }
 
 /// Where settings come from, so tests can load them without touching the process environment.
@@ -106,7 +159,7 @@ pub struct Sources<'a> {
     pub file: Option<&'a Path>,
     /// The whole environment (only `SHUTDOWN_GUARD_*` and `NODE_NAME` are read).
     pub env: HashMap<String, String>,
-    pub overrides: Overrides,
+    pub flags: Flags,
     /// Used as the node name when neither a source nor `NODE_NAME` gives one.
     pub hostname: Option<String>,
 }
@@ -146,17 +199,6 @@ pub fn load(sources: &Sources<'_>) -> Result<Settings, ConfigError> {
         .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    for k in prefixed.keys() {
-        let key = k[ENV_PREFIX.len() + 1..].to_ascii_lowercase();
-        if !KEYS.contains(&key.as_str()) {
-            return Err(ConfigError::UnknownKey {
-                key,
-                origin: format!("environment variable {k}"),
-                known: KEYS.join(", "),
-            });
-        }
-    }
-
     let mut builder = config::Config::builder();
     if let Some(node) = sources
         .env
@@ -169,142 +211,239 @@ pub fn load(sources: &Sources<'_>) -> Result<Settings, ConfigError> {
     if let Some(file) = sources.file {
         builder = builder.add_source(config::File::from(file).required(true));
     }
-    builder = builder.add_source(
-        config::Environment::with_prefix(ENV_PREFIX)
-            .prefix_separator("_")
-            .try_parsing(false)
-            .source(Some(prefixed.into_iter().collect())),
-    );
-    for (key, value) in &sources.overrides.values {
-        builder = builder.set_override(*key, value.as_str())?;
-    }
-    let merged = builder.build()?;
+    let merged = builder
+        .add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .try_parsing(false)
+                .source(Some(prefixed.clone().into_iter().collect())),
+        )
+        .add_source(config::Config::try_from(&sources.flags)?)
+        .build()?;
+    let settings: Settings = merged
+        .try_deserialize()
+        .map_err(|e| explain(e, sources, &prefixed))?;
+    check(settings)
+}
 
-    let table: HashMap<String, config::Value> = merged.clone().try_deserialize()?;
-    for key in table.keys() {
-        if !KEYS.contains(&key.as_str()) {
-            return Err(ConfigError::UnknownKey {
-                key: key.clone(),
-                origin: sources
-                    .file
-                    .map(|f| f.display().to_string())
-                    .unwrap_or_else(|| "configuration".into()),
-                known: KEYS.join(", "),
-            });
-        }
+/// Rules across settings, and the node name that no source gave.
+fn check(s: Settings) -> Result<Settings, ConfigError> {
+    if s.node.is_empty() {
+        return Err(ConfigError::invalid(
+            "node",
+            "",
+            "a node name (set --node, SHUTDOWN_GUARD_NODE or NODE_NAME; the hostname is unavailable)",
+        ));
     }
-    let get = |key: &str| -> Result<Option<String>, ConfigError> {
-        match merged.get_string(key) {
-            Ok(v) => Ok(Some(v)),
-            Err(config::ConfigError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    };
-
-    let node = match get("node")? {
-        Some(n) => validate_node_name(&n)?,
-        None => {
-            return Err(ConfigError::invalid(
-                "node",
-                "",
-                "a node name (set --node, SHUTDOWN_GUARD_NODE or NODE_NAME; the hostname is unavailable)",
-            ));
-        }
-    };
-    let scope = match get("scope")?.as_deref() {
-        None | Some("vms") => Scope::Vms,
-        Some("all") => Scope::All,
-        Some(other) => return Err(ConfigError::invalid("scope", other, "one of: vms, all")),
-    };
-    let log_format = match get("log_format")?.as_deref() {
-        None | Some("text") => LogFormat::Text,
-        Some("json") => LogFormat::Json,
-        Some(other) => {
-            return Err(ConfigError::invalid(
-                "log_format",
-                other,
-                "one of: json, text",
-            ));
-        }
-    };
-    let duration = |key: &str| -> Result<Option<Duration>, ConfigError> {
-        get(key)?.map(|v| parse_duration(key, &v)).transpose()
-    };
-    let safety_margin = duration("safety_margin")?.unwrap_or(Settings::DEFAULT_SAFETY_MARGIN);
-    let deadline = duration("deadline")?;
-    if deadline == Some(Duration::ZERO) {
+    if s.deadline == Some(Duration::ZERO) {
         return Err(ConfigError::invalid(
             "deadline",
             "0s",
             "a positive duration such as 90s or 2m",
         ));
     }
-    let drain_budget = duration("drain_budget")?.unwrap_or(Settings::DEFAULT_DRAIN_BUDGET);
-    if drain_budget.is_zero() {
+    if s.drain_budget.is_zero() {
         return Err(ConfigError::invalid(
             "drain_budget",
             "0s",
             "a positive duration such as 300s or 5m",
         ));
     }
-    let write_logind_dropin = match get("write_logind_dropin")?.as_deref() {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(other) => {
-            return Err(ConfigError::invalid(
-                "write_logind_dropin",
-                other,
-                "true or false",
-            ));
-        }
-    };
-    let absolute = |key: &str, default: &str| -> Result<PathBuf, ConfigError> {
-        let v = get(key)?.unwrap_or_else(|| default.to_string());
-        if !v.starts_with('/') {
-            return Err(ConfigError::invalid(key, &v, "an absolute path"));
-        }
-        Ok(PathBuf::from(v))
-    };
-    let logind_dropin = absolute("logind_dropin", Settings::DEFAULT_DROPIN)?;
-    if write_logind_dropin && !is_logind_dropin_dir(&logind_dropin) {
+    if s.write_logind_dropin && !is_logind_dropin_dir(&s.logind_dropin) {
         return Err(ConfigError::invalid(
             "logind_dropin",
-            &logind_dropin.display().to_string(),
+            &s.logind_dropin.display().to_string(),
             "a *.conf file directly under /etc/systemd/logind.conf.d, /run/systemd/logind.conf.d or /etc/elogind/logind.conf.d",
         ));
     }
-    let host_root = absolute("host_root", "/")?;
-    let boot_id_path = absolute("boot_id_path", Settings::DEFAULT_BOOT_ID_PATH)?;
-    let kubeconfig = get("kubeconfig")?
-        .filter(|k| !k.is_empty())
-        .map(PathBuf::from);
+    Ok(s)
+}
 
-    let listen_address = {
-        let v =
-            get("listen_address")?.unwrap_or_else(|| Settings::DEFAULT_LISTEN_ADDRESS.to_string());
-        v.parse().map_err(|_| {
-            ConfigError::invalid(
-                "listen_address",
-                &v,
-                "an IP address and port such as 0.0.0.0:8080",
-            )
-        })?
+/// Turns the `config` crate's error into ours: a value one of our parsers refused, or a key
+/// [`Settings`] does not have (a misspelt key silently falling back to a default is worse than
+/// not starting).
+fn explain(
+    e: config::ConfigError,
+    sources: &Sources<'_>,
+    env: &HashMap<String, String>,
+) -> ConfigError {
+    let (key, inner) = match &e {
+        config::ConfigError::At {
+            error,
+            key: Some(key),
+            ..
+        } => (key.clone(), error.to_string()),
+        other => (String::new(), other.to_string()),
     };
+    if let Some((value, allowed)) = inner.split_once(REFUSED) {
+        return ConfigError::invalid(&key, value, allowed);
+    }
+    if let Some(rest) = inner.strip_prefix("unknown field `") {
+        let (field, tail) = rest.split_once('`').unwrap_or((rest, ""));
+        let known = tail
+            .split_once("expected one of ")
+            .map(|(_, k)| k.replace('`', ""))
+            .unwrap_or_default();
+        let var = format!("{ENV_PREFIX}_{}", field.to_ascii_uppercase());
+        let origin = if env.contains_key(&var) {
+            format!("environment variable {var}")
+        } else {
+            sources
+                .file
+                .map(|f| f.display().to_string())
+                .unwrap_or_else(|| "configuration".into())
+        };
+        return ConfigError::UnknownKey {
+            key: field.to_string(),
+            origin,
+            known,
+        };
+    }
+    ConfigError::Source(e)
+}
 
-    Ok(Settings {
-        node,
-        kubeconfig,
-        scope,
-        safety_margin,
-        deadline,
-        drain_budget,
-        write_logind_dropin,
-        logind_dropin,
-        host_root,
-        boot_id_path,
-        log_format,
-        listen_address,
-    })
+/// Separates the value from what is allowed in a parser's refusal as it travels through serde.
+const REFUSED: &str = "\u{1f}";
+
+/// A value type of a setting: one parser, whatever the source, and what it allows.
+pub trait Setting: Sized {
+    fn parse(s: &str) -> Result<Self, String>;
+}
+
+impl Setting for Scope {
+    fn parse(s: &str) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl Setting for LogFormat {
+    fn parse(s: &str) -> Result<Self, String> {
+        <LogFormat as clap::ValueEnum>::from_str(s, false).map_err(|_| "one of: json, text".into())
+    }
+}
+
+impl Display for LogFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LogFormat::Json => "json",
+            LogFormat::Text => "text",
+        })
+    }
+}
+
+impl Setting for bool {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err("true or false".into()),
+        }
+    }
+}
+
+impl Setting for SocketAddr {
+    fn parse(s: &str) -> Result<Self, String> {
+        s.parse()
+            .map_err(|_| "an IP address and port such as 0.0.0.0:8080".into())
+    }
+}
+
+/// A node name: a DNS subdomain (RFC 1123), lowercase alphanumerics, `-` and `.`, at most 253.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeName(pub String);
+
+impl Setting for NodeName {
+    fn parse(n: &str) -> Result<Self, String> {
+        let ok = n.len() <= 253
+            && n.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        if ok {
+            Ok(NodeName(n.to_string()))
+        } else {
+            Err(
+                "a DNS subdomain: lowercase letters, digits, '-' and '.', at most 253 characters"
+                    .into(),
+            )
+        }
+    }
+}
+
+impl std::ops::Deref for NodeName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Display for NodeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An absolute path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbsPath(pub PathBuf);
+
+impl Setting for AbsPath {
+    fn parse(s: &str) -> Result<Self, String> {
+        if s.starts_with('/') {
+            Ok(AbsPath(PathBuf::from(s)))
+        } else {
+            Err("an absolute path".into())
+        }
+    }
+}
+
+impl std::ops::Deref for AbsPath {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Display for AbsPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.display().fmt(f)
+    }
+}
+
+/// clap parses flags with the same parsers as the other sources.
+macro_rules! flag_from_str {
+    ($($t:ty),*) => {$(
+        impl FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                <$t as Setting>::parse(s)
+            }
+        }
+    )*};
+}
+flag_from_str!(NodeName, AbsPath);
+
+/// `90s`, `2m 30s`, `1500ms` (humantime) or a bare number of seconds.
+pub fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
+    duration_of(value).map_err(|allowed| ConfigError::invalid(key, value, &allowed))
+}
+
+fn duration_of(value: &str) -> Result<Duration, String> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(v)
+        .map_err(|_| "a duration such as 30s, 2m, 1500ms or a number of seconds".into())
+}
+
+fn parse_flag_duration(value: &str) -> Result<Duration, String> {
+    duration_of(value)
 }
 
 fn is_logind_dropin_dir(p: &Path) -> bool {
@@ -316,42 +455,129 @@ fn is_logind_dropin_dir(p: &Path) -> bool {
     ok_dir && p.extension().is_some_and(|e| e == "conf")
 }
 
-/// `90s`, `2m 30s`, `1500ms` (humantime) or a bare number of seconds.
-pub fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
-    let v = value.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
+/// Any scalar a source gives (a string from the environment, a number or a boolean from a
+/// file), as the text the setting's parser reads.
+fn scalar<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string, number or boolean")
+        }
+        fn visit_str<E>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
     }
-    humantime::parse_duration(v).map_err(|_| {
-        ConfigError::invalid(
-            key,
-            value,
-            "a duration such as 30s, 2m, 1500ms or a number of seconds",
-        )
-    })
+    d.deserialize_any(V)
 }
 
-/// Node names are DNS subdomains (RFC 1123): lowercase alphanumerics, `-` and `.`, at most 253.
-fn validate_node_name(n: &str) -> Result<String, ConfigError> {
-    let ok = !n.is_empty()
-        && n.len() <= 253
-        && n.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        });
-    if ok {
-        Ok(n.to_string())
-    } else {
-        Err(ConfigError::invalid(
-            "node",
-            n,
-            "a DNS subdomain: lowercase letters, digits, '-' and '.', at most 253 characters",
-        ))
+fn refused<E: serde::de::Error>(value: &str, allowed: &str) -> E {
+    E::custom(format!("{value}{REFUSED}{allowed}"))
+}
+
+/// A setting read with its type's [`Setting`] parser and written with `Display`.
+mod text {
+    use super::*;
+
+    pub fn serialize<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, T: Setting, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+        let raw = scalar(d)?;
+        T::parse(&raw).map_err(|allowed| refused(&raw, &allowed))
+    }
+}
+
+mod opt_text {
+    use super::*;
+
+    pub fn serialize<T: Display, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+mod duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let raw = scalar(d)?;
+        duration_of(&raw).map_err(|allowed| refused(&raw, &allowed))
+    }
+}
+
+mod opt_duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(&humantime::format_duration(*v)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
+}
+
+mod node_name {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        super::text::deserialize::<NodeName, D>(d).map(|n| n.0)
+    }
+}
+
+mod abs_path {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Path, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&v.display())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        super::text::deserialize::<AbsPath, D>(d).map(|p| p.0)
+    }
+}
+
+/// An optional path; empty means unset.
+mod opt_path {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(p) => s.collect_str(&p.display()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        let raw = scalar(d)?;
+        Ok((!raw.is_empty()).then(|| PathBuf::from(raw)))
     }
 }
 
@@ -414,8 +640,8 @@ mod tests {
         assert_eq!(s.scope, Scope::All);
         assert_eq!(s.safety_margin, Duration::from_secs(3));
         assert_eq!(s.log_format, LogFormat::Json);
-        src.overrides.set("safety_margin", Some("1500ms"));
-        src.overrides.set("scope", Some("vms"));
+        src.flags.safety_margin = Some(parse_flag_duration("1500ms").unwrap());
+        src.flags.scope = Some("vms".parse().unwrap());
         let s = load(&src).unwrap();
         assert_eq!(s.safety_margin, Duration::from_millis(1500));
         assert_eq!(s.scope, Scope::Vms);
@@ -499,5 +725,26 @@ mod tests {
         let src = Sources::default();
         let (k, _, _) = invalid(&src);
         assert_eq!(k, "node");
+    }
+
+    #[test]
+    fn every_setting_round_trips_through_its_own_text() {
+        // The flags reach the settings as text; what a setting writes, it must read back.
+        let mut s = Settings {
+            node: "node-1".into(),
+            kubeconfig: Some(PathBuf::from("/k")),
+            scope: Scope::All,
+            safety_margin: Duration::from_millis(1500),
+            deadline: Some(Duration::from_secs(90)),
+            drain_budget: Duration::from_secs(600),
+            write_logind_dropin: true,
+            log_format: LogFormat::Json,
+            listen_address: "127.0.0.1:9".parse().unwrap(),
+            ..Settings::default()
+        };
+        s.host_root = "/host".into();
+        let c = config::Config::try_from(&s).unwrap();
+        let back: Settings = c.try_deserialize().unwrap();
+        assert_eq!(back, s);
     }
 }

@@ -2,10 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use shutdown_guard::agent::run::{Exit, run};
-use shutdown_guard::config::{self, Overrides, Sources};
+use shutdown_guard::agent::{Exit, run};
+use shutdown_guard::config::{self, Flags, Sources};
+use shutdown_guard::drain::model::Scope;
 
 #[derive(Parser)]
 #[command(
@@ -83,12 +85,17 @@ struct DrainCmdArgs {
     dry_run: bool,
     /// vms (virt-launcher pods) or all (all but DaemonSet and mirror pods, VMs first).
     #[arg(long, default_value = "vms")]
-    scope: String,
+    scope: Scope,
     /// Give up after this long (VMs that cannot make it are stopped gracefully before); none by default.
-    #[arg(long, value_name = "DURATION")]
-    timeout: Option<String>,
+    #[arg(long, value_name = "DURATION", value_parser = timeout)]
+    timeout: Option<Duration>,
     #[arg(long, short = 'o', value_enum, default_value = "text")]
     output: Output,
+}
+
+/// `--timeout 0` is kubectl's "no timeout".
+fn timeout(v: &str) -> Result<Duration, String> {
+    config::parse_duration("timeout", v).map_err(|e| e.to_string())
 }
 
 #[derive(Args)]
@@ -102,84 +109,11 @@ struct UncordonArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    #[command(flatten)]
-    common: CommonArgs,
-    #[command(flatten)]
-    drain: DrainArgs,
-    #[command(flatten)]
-    logind: LogindArgs,
-    /// Address for /metrics, /healthz, /readyz and /status [default: 0.0.0.0:8080].
-    #[arg(long, value_name = "ADDR")]
-    listen_address: Option<String>,
-}
-
-/// Where settings and the cluster come from.
-#[derive(Args)]
-#[command(next_help_heading = "General")]
-struct CommonArgs {
     /// TOML or YAML settings file (keys as in SHUTDOWN_GUARD_* without the prefix, lowercase).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = "General")]
     config: Option<PathBuf>,
-    /// Kubeconfig file [default: KUBECONFIG, ~/.kube/config, or in-cluster].
-    #[arg(long, value_name = "FILE")]
-    kubeconfig: Option<String>,
-    /// This node's name [default: NODE_NAME, else the hostname].
-    #[arg(long)]
-    node: Option<String>,
-    /// Log format: json or text [default: text].
-    #[arg(long, value_name = "FORMAT")]
-    log_format: Option<String>,
-    /// File holding the boot ID [default: /proc/sys/kernel/random/boot_id].
-    #[arg(long, value_name = "FILE")]
-    boot_id_path: Option<String>,
-}
-
-#[derive(Args)]
-#[command(next_help_heading = "Drain")]
-struct DrainArgs {
-    /// Pods to evict: vms (virt-launcher pods) or all (all but DaemonSet and mirror pods, VMs first) [default: vms].
-    #[arg(long)]
-    scope: Option<String>,
-    /// Taken off logind's InhibitDelayMaxUSec to get the drain deadline [default: 5s].
-    #[arg(long, value_name = "DURATION")]
-    safety_margin: Option<String>,
-    /// Fixed drain deadline counted from the shutdown signal, instead of the one from logind.
-    #[arg(long, value_name = "DURATION")]
-    deadline: Option<String>,
-    /// How long a drain may need; warns when logind's delay is shorter [default: 5m].
-    #[arg(long, value_name = "DURATION")]
-    drain_budget: Option<String>,
-}
-
-#[derive(Args)]
-#[command(next_help_heading = "logind configuration")]
-struct LogindArgs {
-    /// Write a logind.conf.d drop-in raising InhibitDelayMaxSec to drain budget + margin, and reload logind.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
-    write_logind_dropin: Option<String>,
-    /// The drop-in to write [default: /etc/systemd/logind.conf.d/99-shutdown-guard.conf].
-    #[arg(long, value_name = "FILE")]
-    logind_dropin: Option<String>,
-    /// Where the host's filesystem is mounted, for logind configuration files [default: /].
-    #[arg(long, value_name = "DIR")]
-    host_root: Option<String>,
-}
-
-fn overrides(a: &RunArgs) -> Overrides {
-    let mut o = Overrides::default();
-    o.set("kubeconfig", a.common.kubeconfig.as_ref());
-    o.set("node", a.common.node.as_ref());
-    o.set("log_format", a.common.log_format.as_ref());
-    o.set("boot_id_path", a.common.boot_id_path.as_ref());
-    o.set("scope", a.drain.scope.as_ref());
-    o.set("safety_margin", a.drain.safety_margin.as_ref());
-    o.set("deadline", a.drain.deadline.as_ref());
-    o.set("drain_budget", a.drain.drain_budget.as_ref());
-    o.set("write_logind_dropin", a.logind.write_logind_dropin.as_ref());
-    o.set("logind_dropin", a.logind.logind_dropin.as_ref());
-    o.set("host_root", a.logind.host_root.as_ref());
-    o.set("listen_address", a.listen_address.as_ref());
-    o
+    #[command(flatten)]
+    flags: Flags,
 }
 
 /// Exit status for a configuration the agent cannot run with.
@@ -193,9 +127,9 @@ fn hostname() -> Option<String> {
 
 fn load_settings(args: &RunArgs) -> Result<config::Settings, ExitCode> {
     let sources = Sources {
-        file: args.common.config.as_deref(),
+        file: args.config.as_deref(),
         env: std::env::vars().collect(),
-        overrides: overrides(args),
+        flags: args.flags.clone(),
         hostname: hostname(),
     };
     config::load(&sources).map_err(|e| {
@@ -247,7 +181,7 @@ fn check(a: CheckArgs) -> Result<ExitCode, ExitCode> {
     shutdown_guard::telemetry::init_cli();
     let rt = runtime()?;
     let report = rt
-        .block_on(shutdown_guard::check::run(&settings, a.strict))
+        .block_on(shutdown_guard::cli::check::run(&settings, a.strict))
         .map_err(fail)?;
     match a.output {
         Output::Json => println!(
@@ -270,61 +204,42 @@ fn status(a: StatusArgs) -> Result<ExitCode, ExitCode> {
     let s = rt
         .block_on(async {
             let client = shutdown_guard::kube::client(a.target.kubeconfig.as_deref()).await?;
-            shutdown_guard::status::status(client, &node, &a.agent).await
+            shutdown_guard::cli::status::status(client, &node, &a.agent).await
         })
         .map_err(fail)?;
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default()),
-        Output::Text => print!("{}", shutdown_guard::status::render_text(&s)),
+        Output::Text => print!("{}", shutdown_guard::cli::status::render_text(&s)),
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn drain(a: DrainCmdArgs) -> Result<ExitCode, ExitCode> {
-    use shutdown_guard::config::Scope;
     let node = node_of(&a.target)?;
-    let scope = match a.scope.as_str() {
-        "vms" => Scope::Vms,
-        "all" => Scope::All,
-        other => {
-            eprintln!("shutdown-guard: invalid --scope {other:?}: expected one of: vms, all");
-            return Err(ExitCode::from(EXIT_CONFIG));
-        }
-    };
-    let timeout = match &a.timeout {
-        None => None,
-        Some(t) => match config::parse_duration("timeout", t) {
-            Ok(d) if d.is_zero() => None,
-            Ok(d) => Some(d),
-            Err(e) => {
-                eprintln!("shutdown-guard: {e}");
-                return Err(ExitCode::from(EXIT_CONFIG));
-            }
-        },
-    };
+    let (scope, timeout) = (a.scope, a.timeout.filter(|t| !t.is_zero()));
     shutdown_guard::telemetry::init_cli();
     let rt = runtime()?;
-    let opts = shutdown_guard::ondemand::DrainOptions {
+    use shutdown_guard::cli::drain::{DrainError, DrainOptions, DrainOutcome};
+    let opts = DrainOptions {
         node,
         scope,
         timeout,
         dry_run: a.dry_run,
         live: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        json: a.output == Output::Json,
     };
-    let json = a.output == Output::Json;
     let r = rt
         .block_on(async {
             let client = shutdown_guard::kube::client(a.target.kubeconfig.as_deref())
                 .await
-                .map_err(shutdown_guard::ondemand::OnDemandError::from)?;
-            let mut out = std::io::stdout();
-            shutdown_guard::ondemand::drain(client, &opts, json, &mut out).await
+                .map_err(DrainError::from)?;
+            shutdown_guard::cli::drain::drain(client, &opts, Box::new(std::io::stdout())).await
         })
         .map_err(fail)?;
     rt.shutdown_background();
-    Ok(match r.outcome.as_str() {
-        "empty" | "dry-run" => ExitCode::SUCCESS,
-        _ => ExitCode::FAILURE,
+    Ok(match r.outcome {
+        DrainOutcome::Empty | DrainOutcome::DryRun => ExitCode::SUCCESS,
+        DrainOutcome::Timeout | DrainOutcome::Interrupted => ExitCode::FAILURE,
     })
 }
 
@@ -336,8 +251,8 @@ fn uncordon(a: UncordonArgs) -> Result<ExitCode, ExitCode> {
         .block_on(async {
             let client = shutdown_guard::kube::client(a.target.kubeconfig.as_deref())
                 .await
-                .map_err(shutdown_guard::ondemand::OnDemandError::from)?;
-            shutdown_guard::ondemand::uncordon(client, &node, a.force).await
+                .map_err(shutdown_guard::cli::uncordon::UncordonError::from)?;
+            shutdown_guard::cli::uncordon::uncordon(client, &node, a.force).await
         })
         .map_err(fail)?;
     println!("{msg}");

@@ -18,7 +18,7 @@ use kube::api::{DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use serde_json::json;
-use shutdown_guard::metrics::sample;
+use shutdown_guard::admin::metrics::sample;
 use testbed::bed::{Bed, BedOptions, LogindKind, NODE};
 use testbed::kubevirt::KubeVirtOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -580,7 +580,7 @@ async fn metrics_condition_events_and_status_during_a_real_drain() {
         assert_eq!(code, 200);
         let c = counts(&text);
         samples.push((t0.elapsed().as_secs_f64(), c));
-        if let Ok(s) = shutdown_guard::status::fetch_agent(&addr).await
+        if let Ok(s) = shutdown_guard::cli::status::fetch_agent(&addr).await
             && s.phase == "draining"
             && let Some(d) = s.drain
         {
@@ -925,7 +925,7 @@ async fn drain_on_demand_dry_run_changes_nothing_and_uncordon_is_careful() {
         .unwrap()
         .items
         .iter()
-        .filter_map(shutdown_guard::drain::model::VmiInfo::from_dynamic)
+        .filter_map(shutdown_guard::kube::objects::vmi_info)
         .filter(|v| v.runs_on(NODE))
         .map(|v| v.key.to_string())
         .collect();
@@ -936,7 +936,7 @@ async fn drain_on_demand_dry_run_changes_nothing_and_uncordon_is_careful() {
         n.metadata
             .annotations
             .unwrap()
-            .contains_key(shutdown_guard::ondemand::DRAIN_ANNOTATION)
+            .contains_key(shutdown_guard::kube::cordon::DRAIN_ANNOTATION)
     );
 
     let json_dry = on_machine(

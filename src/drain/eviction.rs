@@ -49,7 +49,28 @@ impl EvictionOutcome {
         }
     }
 
-    /// Short name for logs.
+    /// Where the eviction stands once this answer is in; a retry is not settled.
+    pub fn settled(&self) -> EvictionState {
+        match self {
+            EvictionOutcome::Evicted => EvictionState::Evicted,
+            EvictionOutcome::Gone => EvictionState::Gone,
+            EvictionOutcome::Evacuating => EvictionState::Evacuating,
+            EvictionOutcome::NotMigratable => EvictionState::NotMigratable,
+            EvictionOutcome::TargetPod => EvictionState::TargetPod,
+            EvictionOutcome::Retry(_) => EvictionState::Retrying,
+            EvictionOutcome::Refused(_) => EvictionState::Refused,
+        }
+    }
+
+    /// The detail worth logging (the API's message), if any.
+    pub fn detail(&self) -> &str {
+        match self {
+            EvictionOutcome::Retry(d) | EvictionOutcome::Refused(d) => d,
+            _ => "",
+        }
+    }
+
+    /// Short name for logs and metrics.
     pub fn label(&self) -> &'static str {
         match self {
             EvictionOutcome::Evicted => "evicted",
@@ -59,6 +80,37 @@ impl EvictionOutcome {
             EvictionOutcome::TargetPod => "target_pod",
             EvictionOutcome::Retry(_) => "retry",
             EvictionOutcome::Refused(_) => "refused",
+        }
+    }
+}
+
+/// Where one pod's eviction stands in a drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvictionState {
+    /// Sent; no answer yet.
+    InFlight,
+    /// Answered with something worth trying again; waiting for the retry.
+    Retrying,
+    /// Allowed: the pod is going with its grace period (or the drain deleted it).
+    Evicted,
+    Gone,
+    Evacuating,
+    NotMigratable,
+    TargetPod,
+    Refused,
+}
+
+impl EvictionState {
+    pub fn label(self) -> &'static str {
+        match self {
+            EvictionState::InFlight => "in_flight",
+            EvictionState::Retrying => "retrying",
+            EvictionState::Evicted => "evicted",
+            EvictionState::Gone => "gone",
+            EvictionState::Evacuating => "evacuating",
+            EvictionState::NotMigratable => "not_migratable",
+            EvictionState::TargetPod => "target_pod",
+            EvictionState::Refused => "refused",
         }
     }
 }

@@ -1,5 +1,12 @@
-//! Pure drain logic: the objects' relevant fields, the plan, and eviction answers.
+//! The drain's decisions, pure: no I/O, no clock, no Kubernetes client. The objects' relevant
+//! fields ([`model`]), which pods go ([`plan`]), what an eviction answer means ([`eviction`]),
+//! KubeVirt's strategy rules ([`fate`]), the state machine ([`machine`]), per-VMI progress
+//! ([`progress`]) and what is reported ([`report`]). [`crate::driver`] runs the machine.
 
 pub mod eviction;
+pub mod fate;
+pub mod machine;
 pub mod model;
 pub mod plan;
+pub mod progress;
+pub mod report;

@@ -1,12 +1,9 @@
-//! The few fields of pods and VirtualMachineInstances a drain decides on, read out of the API
-//! objects once so the decisions stay pure and testable with plain builders.
+//! The few fields of pods and VirtualMachineInstances a drain decides on. The adapters in
+//! [`crate::kube::objects`] read them out of the API objects once, so every decision here stays
+//! pure and is tested with plain builders.
 
-use std::collections::BTreeMap;
 use std::fmt;
-
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::DynamicObject;
-use serde::Deserialize;
+use std::str::FromStr;
 
 /// KubeVirt's label and annotation names (`staging/src/kubevirt.io/api/core/v1/types.go`).
 pub const LAUNCHER_APP_LABEL: &str = "kubevirt.io";
@@ -18,6 +15,45 @@ pub const VMI_NODE_LABEL: &str = "kubevirt.io/nodeName";
 pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 /// Kubernetes' default `terminationGracePeriodSeconds`.
 pub const DEFAULT_GRACE_SECONDS: u32 = 30;
+
+/// Which pods a drain evicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// Only virt-launcher pods (`kubectl drain --pod-selector=kubevirt.io=virt-launcher`).
+    #[default]
+    Vms,
+    /// Every pod but DaemonSet and mirror pods, VMs first
+    /// (`kubectl drain --ignore-daemonsets --delete-emptydir-data --force`).
+    All,
+}
+
+impl Scope {
+    pub const ALLOWED: &'static str = "one of: vms, all";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Vms => "vms",
+            Scope::All => "all",
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Scope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "vms" => Ok(Scope::Vms),
+            "all" => Ok(Scope::All),
+            _ => Err(Scope::ALLOWED.to_string()),
+        }
+    }
+}
 
 /// `namespace/name`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -93,52 +129,6 @@ impl VmiInfo {
             None => self.label_node.as_deref() == Some(node),
         }
     }
-
-    pub fn from_dynamic(obj: &DynamicObject) -> Option<Self> {
-        #[derive(Deserialize, Default)]
-        #[serde(rename_all = "camelCase")]
-        struct Status {
-            phase: Option<String>,
-            node_name: Option<String>,
-            evacuation_node_name: Option<String>,
-            migration_state: Option<RawMigration>,
-        }
-        #[derive(Deserialize, Default)]
-        #[serde(rename_all = "camelCase")]
-        struct RawMigration {
-            source_node: Option<String>,
-            target_node: Option<String>,
-            target_pod: Option<String>,
-            #[serde(default)]
-            completed: bool,
-            #[serde(default)]
-            failed: bool,
-        }
-        let meta = &obj.metadata;
-        let status: Status = obj
-            .data
-            .get("status")
-            .and_then(|s| serde_json::from_value(s.clone()).ok())
-            .unwrap_or_default();
-        Some(VmiInfo {
-            uid: meta.uid.clone()?,
-            key: ObjKey::new(meta.namespace.clone()?, meta.name.clone()?),
-            phase: status.phase,
-            node_name: status.node_name,
-            label_node: meta
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(VMI_NODE_LABEL).cloned()),
-            migration: status.migration_state.map(|m| MigrationState {
-                source_node: m.source_node,
-                target_node: m.target_node,
-                target_pod: m.target_pod,
-                completed: m.completed,
-                failed: m.failed,
-            }),
-            evacuation_node: status.evacuation_node_name,
-        })
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,35 +160,6 @@ impl PodInfo {
 
     pub fn is_finished(&self) -> bool {
         matches!(self.phase.as_deref(), Some("Succeeded") | Some("Failed"))
-    }
-
-    pub fn from_pod(pod: &Pod) -> Option<Self> {
-        let meta = &pod.metadata;
-        let empty = BTreeMap::new();
-        let labels = meta.labels.as_ref().unwrap_or(&empty);
-        let annotations = meta.annotations.as_ref().unwrap_or(&empty);
-        let spec = pod.spec.as_ref();
-        Some(PodInfo {
-            uid: meta.uid.clone()?,
-            key: ObjKey::new(meta.namespace.clone()?, meta.name.clone()?),
-            node_name: spec.and_then(|s| s.node_name.clone()),
-            phase: pod.status.as_ref().and_then(|s| s.phase.clone()),
-            is_launcher: labels.get(LAUNCHER_APP_LABEL).map(String::as_str)
-                == Some(LAUNCHER_APP_VALUE),
-            created_by: labels.get(CREATED_BY_LABEL).cloned(),
-            domain: annotations.get(DOMAIN_ANNOTATION).cloned(),
-            controller_kind: meta.owner_references.as_ref().and_then(|o| {
-                o.iter()
-                    .find(|r| r.controller == Some(true))
-                    .map(|r| r.kind.clone())
-            }),
-            is_mirror: annotations.contains_key(MIRROR_ANNOTATION),
-            grace_seconds: spec
-                .and_then(|s| s.termination_grace_period_seconds)
-                .map(|g| g.clamp(0, u32::MAX as i64) as u32)
-                .unwrap_or(DEFAULT_GRACE_SECONDS),
-            terminating: meta.deletion_timestamp.is_some(),
-        })
     }
 }
 
@@ -274,7 +235,6 @@ pub mod fixtures {
 #[cfg(test)]
 mod tests {
     use super::fixtures::*;
-    use super::*;
 
     #[test]
     fn vmi_leaves_node_by_migration_or_stop() {
@@ -303,41 +263,5 @@ mod tests {
         scheduling.node_name = None;
         scheduling.phase = Some("Scheduled".into());
         assert!(scheduling.runs_on("node-1"), "label names the node");
-    }
-
-    #[test]
-    fn vmi_parsed_from_dynamic_object() {
-        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
-            "apiVersion": "kubevirt.io/v1",
-            "kind": "VirtualMachineInstance",
-            "metadata": {"name": "vm-a", "namespace": "ns", "uid": "u1",
-                         "labels": {"kubevirt.io/nodeName": "node-1"}},
-            "status": {"phase": "Running", "nodeName": "node-1",
-                       "evacuationNodeName": "node-1",
-                       "migrationState": {"sourceNode": "node-1", "targetNode": "node-2",
-                                          "completed": true}}
-        }))
-        .unwrap();
-        let v = VmiInfo::from_dynamic(&obj).unwrap();
-        assert_eq!(v.key, ObjKey::new("ns", "vm-a"));
-        assert_eq!(v.evacuation_node.as_deref(), Some("node-1"));
-        assert!(!v.runs_on("node-1"));
-    }
-
-    #[test]
-    fn pod_parsed_with_launcher_labels_and_grace() {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "virt-launcher-vm-a-x", "namespace": "ns", "uid": "p1",
-                         "labels": {"kubevirt.io": "virt-launcher", "kubevirt.io/created-by": "u1"},
-                         "annotations": {"kubevirt.io/domain": "vm-a"}},
-            "spec": {"nodeName": "node-1", "terminationGracePeriodSeconds": 60, "containers": []},
-            "status": {"phase": "Running"}
-        }))
-        .unwrap();
-        let p = PodInfo::from_pod(&pod).unwrap();
-        assert!(p.is_launcher);
-        assert_eq!(p.created_by.as_deref(), Some("u1"));
-        assert_eq!(p.domain.as_deref(), Some("vm-a"));
-        assert_eq!(p.grace_seconds, 60);
     }
 }

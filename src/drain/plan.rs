@@ -4,8 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::model::{PodInfo, PodRef, VmiInfo};
-use crate::config::Scope;
+use super::model::{PodInfo, PodRef, Scope, VmiInfo};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SkipReason {

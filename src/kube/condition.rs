@@ -7,6 +7,8 @@ use k8s_openapi::api::core::v1::{Node, NodeCondition};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde::{Deserialize, Serialize};
+
+use crate::drain::report::LastShutdown;
 use serde_json::json;
 
 pub const CONDITION_TYPE: &str = "ShutdownGuard";
@@ -58,25 +60,6 @@ impl GuardState {
         .into_iter()
         .find(|s| s.reason() == r)
     }
-}
-
-/// One drain's record.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LastShutdown {
-    /// `poweroff`, `reboot`, … (`unknown` when logind sent no type).
-    pub r#type: String,
-    pub started: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished: Option<String>,
-    /// `draining`, `empty` or `deadline`.
-    pub outcome: String,
-    pub migrated: usize,
-    pub stopped: usize,
-    #[serde(default)]
-    pub remaining: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duration_s: Option<f64>,
 }
 
 pub fn rfc3339(t: DateTime<Utc>) -> String {

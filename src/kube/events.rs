@@ -8,8 +8,9 @@ use kube::{Api, Client};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::condition::{self, GuardState, LastShutdown};
+use super::condition::{self, GuardState};
 use crate::drain::model::ObjKey;
+use crate::drain::report::LastShutdown;
 
 #[derive(Clone)]
 pub struct NodeEvents {

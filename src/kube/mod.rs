@@ -1,11 +1,16 @@
-//! Everything that talks to the Kubernetes API: the client, the Node's cordon, evictions and
-//! graceful stops, the watches and the Node's Events.
+//! The Kubernetes side, as adapters of the drain's core: the client, reading API objects into
+//! the core's model, the Node's cordon, evictions and graceful stops, KubeVirt's resources, the
+//! watches, Events and the Node's condition. Nothing here decides; nothing here knows the agent.
 
 pub mod condition;
+pub mod cordon;
 pub mod events;
-pub mod evict;
-pub mod node;
+pub mod kubevirt;
+pub mod objects;
+pub mod pods;
 pub mod watch;
+
+pub use kubevirt::vmi_resource;
 
 use std::path::Path;
 
@@ -44,15 +49,4 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
     };
     cfg.default_retry = false;
     Ok(Client::try_from(cfg)?)
-}
-
-/// kubevirt.io/v1 VirtualMachineInstance, read as a dynamic object.
-pub fn vmi_resource() -> kube::api::ApiResource {
-    kube::api::ApiResource {
-        group: "kubevirt.io".into(),
-        version: "v1".into(),
-        api_version: "kubevirt.io/v1".into(),
-        kind: "VirtualMachineInstance".into(),
-        plural: "virtualmachineinstances".into(),
-    }
 }

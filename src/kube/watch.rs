@@ -9,7 +9,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tracing::warn;
 
-use crate::agent::machine::WatchUpdate;
+use super::objects::{pod_info, vmi_info};
+use crate::drain::machine::WatchUpdate;
 use crate::drain::model::{PodInfo, VMI_NODE_LABEL, VmiInfo};
 
 fn reduce<K, T>(
@@ -36,7 +37,7 @@ pub fn vmis(client: Client, node: &str) -> impl Stream<Item = WatchUpdate<VmiInf
     let cfg = watcher::Config::default().labels(&format!("{VMI_NODE_LABEL}={node}"));
     let node = node.to_string();
     watcher(api, cfg).default_backoff().filter_map(move |ev| {
-        let r = reduce("vmis", node.clone(), ev, VmiInfo::from_dynamic);
+        let r = reduce("vmis", node.clone(), ev, vmi_info);
         async move { r }
     })
 }
@@ -46,7 +47,7 @@ pub fn pods(client: Client, node: &str) -> impl Stream<Item = WatchUpdate<PodInf
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let node = node.to_string();
     watcher(api, cfg).default_backoff().filter_map(move |ev| {
-        let r = reduce("pods", node.clone(), ev, PodInfo::from_pod);
+        let r = reduce("pods", node.clone(), ev, pod_info);
         async move { r }
     })
 }

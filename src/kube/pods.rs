@@ -1,4 +1,5 @@
-//! One eviction or one graceful delete per call; the state machine decides about retries.
+//! A node's pods: one eviction or one graceful delete per call; the state machine decides about
+//! retries.
 
 use std::time::Duration;
 

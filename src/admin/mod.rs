@@ -11,36 +11,13 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
-use crate::kube::condition::LastShutdown;
-use crate::metrics::Metrics;
-use crate::progress::VmiProgress;
+use crate::drain::report::AgentStatus;
+use metrics::Metrics;
 
-/// What `/status` reports.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct AgentStatus {
-    pub node: String,
-    pub lock_held: bool,
-    /// `starting`, `idle`, `draining` or `released`.
-    pub phase: String,
-    pub inhibit_delay_max_s: Option<f64>,
-    pub drain_budget_s: Option<f64>,
-    pub drain: Option<DrainStatus>,
-    pub last_shutdown: Option<LastShutdown>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DrainStatus {
-    pub r#type: String,
-    pub elapsed_s: f64,
-    pub deadline_s: f64,
-    pub vmis: Vec<VmiProgress>,
-    #[serde(default)]
-    pub pods_remaining: Vec<String>,
-}
+pub mod metrics;
 
 #[derive(Clone, Default)]
 pub struct AdminState {

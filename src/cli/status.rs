@@ -8,17 +8,16 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{DynamicObject, ListParams};
 use kube::{Api, Client};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::admin::AgentStatus;
-use crate::bootid::CORDON_ANNOTATION;
-use crate::drain::model::{VMI_NODE_LABEL, VmiInfo};
-use crate::kube::condition::{self, LastShutdown};
-use crate::ondemand::DRAIN_ANNOTATION;
-use crate::progress::{VmiState, vmi_state};
+use crate::drain::model::VmiInfo;
+use crate::drain::progress::{VmiState, vmi_state};
+use crate::drain::report::{AgentStatus, LastShutdown};
+use crate::kube::condition;
+use crate::kube::kubevirt::node_vmis;
+use crate::kube::objects::vmi_info;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -64,12 +63,11 @@ pub struct VmiView {
 /// Combines what the Node and the agent say. Pure.
 pub fn combine(node: &Node, agent: Result<AgentStatus, String>, vmis: &[VmiInfo]) -> NodeStatus {
     let name = node.metadata.name.clone().unwrap_or_default();
-    let st = crate::kube::node::state(node);
-    let anns = node.metadata.annotations.clone().unwrap_or_default();
+    let st = crate::kube::cordon::state(node);
     let cordoned_by = st.unschedulable.then(|| {
-        if let Some(b) = anns.get(CORDON_ANNOTATION) {
+        if let Some(b) = &st.our_annotation {
             format!("shutdown-guard agent (boot {b})")
-        } else if let Some(t) = anns.get(DRAIN_ANNOTATION) {
+        } else if let Some(t) = &st.drain_annotation {
             format!("shutdown-guard drain (at {t})")
         } else {
             "someone else (no shutdown-guard annotation)".into()
@@ -250,11 +248,9 @@ pub async fn status(client: Client, node: &str, agent: &str) -> Result<NodeStatu
         source,
     })?;
     let a = fetch_agent(agent).await;
-    let api: Api<DynamicObject> = Api::all_with(client, &crate::kube::vmi_resource());
-    let vmis: Vec<VmiInfo> = api
-        .list(&ListParams::default().labels(&format!("{VMI_NODE_LABEL}={node}")))
+    let vmis: Vec<VmiInfo> = node_vmis(&client, node)
         .await
-        .map(|l| l.items.iter().filter_map(VmiInfo::from_dynamic).collect())
+        .map(|items| items.iter().filter_map(vmi_info).collect())
         .unwrap_or_default();
     Ok(combine(&n, a, &vmis))
 }
@@ -291,7 +287,7 @@ mod tests {
         assert_eq!(s.vmis[0].state, "running");
         let a = AgentStatus {
             lock_held: false,
-            phase: "released".into(),
+            phase: crate::drain::report::AgentPhase::Released,
             ..Default::default()
         };
         let s = combine(&n, Ok(a), &[]);
@@ -305,7 +301,7 @@ mod tests {
     #[test]
     fn says_who_cordoned() {
         let n = node(json!({
-            "metadata": {"name": "node-1", "annotations": {CORDON_ANNOTATION: "b1"}},
+            "metadata": {"name": "node-1", "annotations": {crate::kube::cordon::AGENT_ANNOTATION: "b1"}},
             "spec": {"unschedulable": true},
         }));
         let s = combine(&n, Err("x".into()), &[]);

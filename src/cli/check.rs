@@ -10,14 +10,16 @@ use std::time::Duration;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
-use kube::api::{DynamicObject, ListParams, PostParams};
+use kube::api::PostParams;
 use kube::{Api, Client};
 use serde::{Deserialize, Serialize};
 use zbus::Connection;
 
 use crate::config::Settings;
-use crate::drain::model::VMI_NODE_LABEL;
-use crate::logind::{ManagerProxy, WHO};
+use crate::drain::fate::{ClusterStrategy, Fate, VmiFacts, fate};
+use crate::host::logind::{ManagerProxy, WHO};
+use crate::kube::kubevirt::{cluster_strategy, node_vmis};
+use crate::kube::objects::vmi_facts;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -453,90 +455,6 @@ pub fn judge_crds(resources: &Result<Vec<String>, String>) -> Check {
     }
 }
 
-/// What decides one VMI's fate on eviction.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmiFacts {
-    pub key: String,
-    /// `spec.evictionStrategy`.
-    pub strategy: Option<String>,
-    /// The `LiveMigratable` condition: status and reason.
-    pub live_migratable: Option<(bool, Option<String>)>,
-}
-
-/// Where the cluster-wide strategy comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClusterStrategy {
-    /// `spec.configuration.evictionStrategy` of the KubeVirt CR.
-    Configured(String),
-    /// A KubeVirt CR without the setting: KubeVirt's default, None.
-    Unset,
-    /// No KubeVirt CR could be found (or read): KubeVirt's default, None, assumed.
-    NoCr(String),
-}
-
-/// What an eviction of a VMI's launcher pod leads to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fate {
-    Migrate,
-    /// The eviction is allowed (None, or LiveMigrateIfPossible without migratability).
-    Stop,
-    /// LiveMigrate but not migratable: KubeVirt refuses; the drain stops it gracefully.
-    RefusedThenStop,
-    /// Left to an external controller.
-    External,
-}
-
-/// The effective strategy (the VMI's, else the cluster's, else KubeVirt's default None, as in
-/// `pod-eviction-admitter.go`), where it comes from, and the VMI's fate on eviction.
-pub fn fate(v: &VmiFacts, cluster: &ClusterStrategy) -> (Fate, String) {
-    let (strategy, from) = match (&v.strategy, cluster) {
-        (Some(s), _) => (s.clone(), "its spec".to_string()),
-        (None, ClusterStrategy::Configured(s)) => (s.clone(), "the cluster default".into()),
-        (None, ClusterStrategy::Unset) => (
-            "None".into(),
-            "KubeVirt's default (the KubeVirt CR sets none)".into(),
-        ),
-        (None, ClusterStrategy::NoCr(why)) => (
-            "None".into(),
-            format!("KubeVirt's default (no KubeVirt CR: {why})"),
-        ),
-    };
-    let migratable = v.live_migratable.as_ref().map(|(m, _)| *m).unwrap_or(false);
-    let why_not = v
-        .live_migratable
-        .as_ref()
-        .and_then(|(_, r)| r.clone())
-        .unwrap_or_else(|| "no LiveMigratable condition".into());
-    match strategy.as_str() {
-        "None" => (
-            Fate::Stop,
-            format!(
-                "evictionStrategy None from {from}: the eviction is allowed and the VM shuts down"
-            ),
-        ),
-        "LiveMigrate" if !migratable => (
-            Fate::RefusedThenStop,
-            format!(
-                "evictionStrategy LiveMigrate from {from} but not live-migratable ({why_not}): KubeVirt refuses the eviction; the drain stops it gracefully"
-            ),
-        ),
-        "LiveMigrateIfPossible" if !migratable => (
-            Fate::Stop,
-            format!(
-                "LiveMigrateIfPossible from {from} but not live-migratable ({why_not}): the VM shuts down"
-            ),
-        ),
-        "External" => (
-            Fate::External,
-            format!("evictionStrategy External from {from}: an external controller must move it"),
-        ),
-        other => (
-            Fate::Migrate,
-            format!("evictionStrategy {other} from {from}, live-migratable"),
-        ),
-    }
-}
-
 /// KubeVirt's rule (`pod-eviction-admitter.go`): the VMI's strategy, else the cluster's, else
 /// None. One check per VMI that will not migrate; a single pass when all will.
 pub fn judge_vmis(node: &str, vmis: &[VmiFacts], cluster: &ClusterStrategy) -> Vec<Check> {
@@ -701,72 +619,6 @@ async fn whoami(client: &Client) -> String {
     }
 }
 
-fn kubevirt_cr_resource() -> kube::api::ApiResource {
-    kube::api::ApiResource {
-        group: "kubevirt.io".into(),
-        version: "v1".into(),
-        api_version: "kubevirt.io/v1".into(),
-        kind: "KubeVirt".into(),
-        plural: "kubevirts".into(),
-    }
-}
-
-pub async fn cluster_strategy(client: &Client) -> ClusterStrategy {
-    let api: Api<DynamicObject> = Api::all_with(client.clone(), &kubevirt_cr_resource());
-    match api.list(&ListParams::default()).await {
-        Ok(list) => match list.items.first() {
-            None => ClusterStrategy::NoCr("none exists".into()),
-            Some(cr) => match cr
-                .data
-                .pointer("/spec/configuration/evictionStrategy")
-                .and_then(|v| v.as_str())
-            {
-                Some(s) => ClusterStrategy::Configured(s.into()),
-                None => ClusterStrategy::Unset,
-            },
-        },
-        Err(kube::Error::Api(s)) if s.code == 404 => {
-            ClusterStrategy::NoCr("the KubeVirt resource is not served".into())
-        }
-        Err(e) => ClusterStrategy::NoCr(format!("cannot list it: {e}")),
-    }
-}
-
-pub fn vmi_facts(o: &DynamicObject) -> VmiFacts {
-    let key = format!(
-        "{}/{}",
-        o.metadata.namespace.as_deref().unwrap_or(""),
-        o.metadata.name.as_deref().unwrap_or("")
-    );
-    let strategy = o
-        .data
-        .pointer("/spec/evictionStrategy")
-        .and_then(|v| v.as_str())
-        .map(String::from);
-    let live_migratable = o
-        .data
-        .pointer("/status/conditions")
-        .and_then(|c| c.as_array())
-        .and_then(|cs| {
-            cs.iter()
-                .find(|c| c.get("type").and_then(|t| t.as_str()) == Some("LiveMigratable"))
-        })
-        .map(|c| {
-            (
-                c.get("status").and_then(|s| s.as_str()) == Some("True"),
-                c.get("reason")
-                    .and_then(|s| s.as_str())
-                    .map(String::from)
-                    .or_else(|| c.get("message").and_then(|s| s.as_str()).map(String::from)),
-            )
-        });
-    VmiFacts {
-        key,
-        strategy,
-        live_migratable,
-    }
-}
-
 /// Runs every check against this node's logind and the cluster.
 pub async fn run(settings: &Settings, strict: bool) -> Result<CheckReport, CheckError> {
     let node = &settings.node;
@@ -776,7 +628,7 @@ pub async fn run(settings: &Settings, strict: bool) -> Result<CheckReport, Check
     let mut checks = vec![judge_logind(&bus, &lf.delay)];
     if lf.delay.is_ok() {
         checks.push(judge_lock(&lf.lock));
-        let set_by = crate::logind_conf::find_effective_setting(&settings.host_root);
+        let set_by = crate::host::logind_conf::find_effective_setting(&settings.host_root);
         checks.push(judge_delay(
             lf.delay.as_ref().ok().copied(),
             settings.drain_budget,
@@ -825,13 +677,9 @@ pub async fn run(settings: &Settings, strict: bool) -> Result<CheckReport, Check
         .map_err(|e| e.to_string());
     checks.push(judge_crds(&served));
     if served.is_ok() {
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &crate::kube::vmi_resource());
-        match api
-            .list(&ListParams::default().labels(&format!("{VMI_NODE_LABEL}={node}")))
-            .await
-        {
-            Ok(list) => {
-                let facts: Vec<VmiFacts> = list.items.iter().map(vmi_facts).collect();
+        match node_vmis(&client, node).await {
+            Ok(items) => {
+                let facts: Vec<VmiFacts> = items.iter().map(vmi_facts).collect();
                 let cluster = cluster_strategy(&client).await;
                 checks.extend(judge_vmis(node, &facts, &cluster));
             }

@@ -1,10 +1,9 @@
 use std::time::{Duration, Instant};
 
-use super::machine::*;
-use crate::config::Scope;
-use crate::drain::eviction::EvictionOutcome;
+use super::*;
+use crate::drain::eviction::{EvictionOutcome, EvictionState};
 use crate::drain::model::fixtures::*;
-use crate::drain::model::{ObjKey, PodInfo, VmiInfo};
+use crate::drain::model::{ObjKey, PodInfo, Scope, VmiInfo};
 
 const NODE: &str = "node-1";
 
@@ -133,7 +132,7 @@ fn evacuation_429_is_progress_not_retried() {
     assert!(fx.is_empty(), "{fx:?}");
     assert_eq!(
         b.m.eviction_states().get(&pa.uid).copied(),
-        Some("evacuating")
+        Some(EvictionState::Evacuating)
     );
     // Nothing is due before the VMI's stop-by point (budget 25 s, grace 60 s → half: 12.5 s).
     assert_eq!(b.m.next_wakeup(), Some(b.at(12_500)));
@@ -185,7 +184,10 @@ fn eviction_404_means_done() {
         },
     );
     assert!(fx.is_empty());
-    assert_eq!(b.m.eviction_states().get(&pa.uid).copied(), Some("gone"));
+    assert_eq!(
+        b.m.eviction_states().get(&pa.uid).copied(),
+        Some(EvictionState::Gone)
+    );
     // The VMI's end comes from its watch.
     let mut stopped = a.clone();
     stopped.phase = Some("Failed".into());

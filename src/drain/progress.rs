@@ -1,14 +1,14 @@
 //! Where each VMI of a drain is: waiting → evicting → migrating → migrated, or → stopping →
-//! stopped. Derived from the state machine's view after every input, so the agent's `/status`,
-//! the `drain` command's live display and the tests all read the same thing.
+//! stopped. The state machine brings it up to date after every input and reports each change,
+//! so the agent's `/status`, the `drain` command's live display and the tests read the same thing.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::agent::machine::Machine;
-use crate::drain::model::{ObjKey, VmiInfo};
+use super::eviction::EvictionState;
+use super::model::{ObjKey, VmiInfo};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
@@ -58,13 +58,12 @@ impl VmiState {
     }
 }
 
-/// The state of one VMI from what is known of it. `eviction` is the label of the last answer
-/// to its launcher pod's eviction (`None`: none sent), `stop_sent` whether the drain deleted
-/// its launcher pod.
+/// The state of one VMI from what is known of it. `eviction` is where its launcher pod's
+/// eviction stands (`None`: none sent), `stop_sent` whether the drain deleted its launcher pod.
 pub fn vmi_state(
     node: &str,
     vmi: Option<&VmiInfo>,
-    eviction: Option<&str>,
+    eviction: Option<EvictionState>,
     stop_sent: bool,
     last: Option<&VmiState>,
 ) -> VmiState {
@@ -98,7 +97,7 @@ pub fn vmi_state(
             None => VmiState::Stopped,
         };
     }
-    if stop_sent || eviction == Some("evicted") {
+    if stop_sent || eviction == Some(EvictionState::Evicted) {
         return VmiState::Stopping;
     }
     if let Some(m) = v.migration.as_ref().filter(|m| !m.completed && !m.failed) {
@@ -107,7 +106,7 @@ pub fn vmi_state(
         };
     }
     match eviction {
-        Some("not_migratable") => VmiState::Refused,
+        Some(EvictionState::NotMigratable) => VmiState::Refused,
         Some(_) => VmiState::Evicting,
         None if v.evacuation_node.is_some() => VmiState::Evicting,
         None => VmiState::Waiting,
@@ -140,36 +139,27 @@ impl Progress {
         }
     }
 
-    /// Brings every VMI up to date from `machine`; returns the ones whose state changed.
-    /// `deleted` is the VMI of a watch `Deleted` event just fed to the machine: the watch
-    /// selects by the node label, so a VMI migrated away leaves it as a deletion whose last
-    /// state tells where it went.
+    /// Brings every VMI up to date; returns the ones whose state changed. `known` is every VMI
+    /// the watch knows, each with its launcher's eviction state and whether the drain stopped it.
+    /// `deleted` is the VMI of a watch `Deleted` event just taken in: the watch selects by the
+    /// node label, so a VMI migrated away leaves it as a deletion whose last state tells where
+    /// it went.
     pub fn update(
         &mut self,
         now: Instant,
-        machine: &Machine,
+        known: &[(&VmiInfo, Option<EvictionState>, bool)],
         deleted: Option<&VmiInfo>,
     ) -> Vec<(ObjKey, VmiState)> {
         let mut changes = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
-        let known: Vec<&VmiInfo> = machine.vmis().collect();
-        for v in &known {
+        for (v, eviction, stop_sent) in known {
             let tracked = self.vmis.contains_key(&v.key);
             if !tracked && !v.runs_on(&self.node) {
                 continue;
             }
             seen.insert(v.key.clone());
-            let eviction = machine
-                .launcher(&v.uid)
-                .and_then(|p| machine.eviction_states().get(&p.uid).copied());
             let last = self.vmis.get(&v.key).map(|(_, s, _)| s);
-            let next = vmi_state(
-                &self.node,
-                Some(v),
-                eviction,
-                machine.stop_sent(&v.uid),
-                last,
-            );
+            let next = vmi_state(&self.node, Some(v), *eviction, *stop_sent, last);
             // A launcher pod gone after an eviction leaves no label to read; keep what we knew.
             let next = match (last, &next) {
                 (Some(l), VmiState::Waiting) if *l != VmiState::Waiting => l.clone(),
@@ -238,6 +228,7 @@ pub fn round_ms(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::drain::machine::{Machine, MachineConfig};
     use crate::drain::model::MigrationState;
     use crate::drain::model::fixtures::*;
 
@@ -259,19 +250,19 @@ mod tests {
         let v = vmi("live-1", N);
         assert_eq!(vmi_state(N, Some(&v), None, false, None), VmiState::Waiting);
         assert_eq!(
-            vmi_state(N, Some(&v), Some("evacuating"), false, None),
+            vmi_state(N, Some(&v), Some(EvictionState::Evacuating), false, None),
             VmiState::Evicting
         );
         let m = migrating(v.clone(), "node-2");
         assert_eq!(
-            vmi_state(N, Some(&m), Some("evacuating"), false, None),
+            vmi_state(N, Some(&m), Some(EvictionState::Evacuating), false, None),
             VmiState::Migrating {
                 target: Some("node-2".into())
             }
         );
         let done = migrated(v, "node-2");
         assert_eq!(
-            vmi_state(N, Some(&done), Some("evacuating"), false, None),
+            vmi_state(N, Some(&done), Some(EvictionState::Evacuating), false, None),
             VmiState::Migrated {
                 target: "node-2".into()
             }
@@ -282,7 +273,7 @@ mod tests {
     fn a_none_vm_goes_stopping_then_stopped() {
         let v = vmi("none-1", N);
         assert_eq!(
-            vmi_state(N, Some(&v), Some("evicted"), false, None),
+            vmi_state(N, Some(&v), Some(EvictionState::Evicted), false, None),
             VmiState::Stopping
         );
         let mut s = v.clone();
@@ -298,27 +289,46 @@ mod tests {
     fn refused_then_stopped_by_the_drain() {
         let v = vmi("stuck-1", N);
         assert_eq!(
-            vmi_state(N, Some(&v), Some("not_migratable"), false, None),
+            vmi_state(N, Some(&v), Some(EvictionState::NotMigratable), false, None),
             VmiState::Refused
         );
         assert_eq!(
-            vmi_state(N, Some(&v), Some("not_migratable"), true, None),
+            vmi_state(N, Some(&v), Some(EvictionState::NotMigratable), true, None),
             VmiState::Stopping
         );
     }
 
     fn machine() -> Machine {
-        Machine::new(crate::agent::machine::MachineConfig {
+        Machine::new(MachineConfig {
             node: N.into(),
-            scope: crate::config::Scope::Vms,
+            scope: crate::drain::model::Scope::Vms,
             safety_margin: Duration::from_secs(5),
             deadline_override: None,
         })
     }
 
+    /// What the machine tells progress about every VMI it knows.
+    fn update(
+        p: &mut Progress,
+        now: Instant,
+        m: &Machine,
+        deleted: Option<&VmiInfo>,
+    ) -> Vec<(ObjKey, VmiState)> {
+        let known: Vec<(&VmiInfo, Option<EvictionState>, bool)> = m
+            .vmis()
+            .map(|v| {
+                let e = m
+                    .launcher(&v.uid)
+                    .and_then(|l| m.eviction_states().get(&l.uid).copied());
+                (v, e, m.stop_sent(&v.uid))
+            })
+            .collect();
+        p.update(now, &known, deleted)
+    }
+
     #[test]
     fn leaving_the_node_label_watch_reads_as_migrated_not_stopped() {
-        use crate::agent::machine::{Input, WatchUpdate};
+        use crate::drain::machine::{Input, WatchUpdate};
         let t0 = Instant::now();
         let (a, b) = (vmi("live-1", N), vmi("none-1", N));
         let mut m = machine();
@@ -327,10 +337,10 @@ mod tests {
         }
         m.handle(t0, Input::Vmis(WatchUpdate::Synced));
         let mut p = Progress::new(N, t0);
-        assert_eq!(p.update(t0, &m, None).len(), 2);
+        assert_eq!(update(&mut p, t0, &m, None).len(), 2);
         let gone = migrated(a.clone(), "node-2");
         m.handle(t0, Input::Vmis(WatchUpdate::Deleted(gone.clone())));
-        let ch = p.update(t0, &m, Some(&gone));
+        let ch = update(&mut p, t0, &m, Some(&gone));
         assert_eq!(
             ch,
             vec![(
@@ -343,11 +353,11 @@ mod tests {
         // The usual case: the deletion carries the content from before the label moved.
         let c = vmi("live-2", N);
         m.handle(t0, Input::Vmis(WatchUpdate::Applied(c.clone())));
-        p.update(t0, &m, None);
+        update(&mut p, t0, &m, None);
         let before_move = migrating(c.clone(), "node-3");
         m.handle(t0, Input::Vmis(WatchUpdate::Deleted(before_move.clone())));
         assert_eq!(
-            p.update(t0, &m, Some(&before_move)),
+            update(&mut p, t0, &m, Some(&before_move)),
             vec![(
                 c.key.clone(),
                 VmiState::Migrated {
@@ -356,7 +366,7 @@ mod tests {
             )]
         );
         m.handle(t0, Input::Vmis(WatchUpdate::Deleted(b.clone())));
-        let ch = p.update(t0, &m, Some(&b));
+        let ch = update(&mut p, t0, &m, Some(&b));
         assert_eq!(ch, vec![(b.key.clone(), VmiState::Stopped)]);
         assert_eq!(p.counts(), (2, 1, 0));
     }

@@ -1,19 +1,23 @@
-//! The agent as a pure state machine: `Idle → Draining → Released` (and back to `Idle` when a
-//! shutdown is cancelled). Inputs are what happened (a logind signal, a watch update, an API
-//! answer, the clock); outputs are effects the runtime carries out. No I/O here, so every
-//! decision is unit-tested with plain values and explicit instants.
+//! A drain as a pure state machine: `Idle → Draining → Released` (and back to `Idle` when a
+//! shutdown is cancelled). Inputs are what happened (a logind signal or the drain command, a
+//! watch update, an API answer, the clock); outputs are [`Effect`]s for the driver to carry out
+//! and [`Note`]s saying what changed, for whoever reports progress. No I/O and no clock of its
+//! own: every decision is unit-tested with plain values and explicit instants.
+//!
+//! The one driver that runs it is [`crate::driver`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use crate::config::Scope;
-use crate::drain::eviction::{EvictionOutcome, backoff};
-use crate::drain::model::{ObjKey, PodInfo, PodRef, VmiInfo};
-use crate::drain::plan::{self, Plan};
+use super::eviction::{EvictionOutcome, EvictionState, backoff};
+use super::model::{DEFAULT_GRACE_SECONDS, ObjKey, PodInfo, PodRef, Scope, VmiInfo};
+use super::plan::{self, Plan};
+use super::progress::{Progress, VmiProgress, VmiState};
 
 /// logind's own default `InhibitDelayMaxSec`, used when the property could not be read.
 pub const LOGIND_DEFAULT_DELAY: Duration = Duration::from_secs(5);
 
+/// What a drain is run with; the same for the agent and the `drain` command.
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
     pub node: String,
@@ -43,15 +47,19 @@ pub enum CordonResult {
     Failed(String),
 }
 
+/// Something that happened, fed to [`Machine::handle`].
 #[derive(Debug, Clone)]
 pub enum Input {
+    /// logind holds shutdowns for us; `delay_max` is its `InhibitDelayMaxUSec`.
     LockTaken {
         delay_max: Duration,
     },
+    /// logind or the bus went away with our lock.
     LockLost,
     /// logind's `InhibitDelayMaxUSec` read again (after a reload of its configuration).
     DelayMax(Duration),
-    /// `PrepareForShutdown(start)`, or its `WithMetadata` form carrying the shutdown type.
+    /// `PrepareForShutdown(start)`, or its `WithMetadata` form carrying the shutdown type; the
+    /// `drain` command sends `start: true` with kind `on-demand`. `start: false` cancels.
     Shutdown {
         start: bool,
         kind: Option<String>,
@@ -61,6 +69,8 @@ pub enum Input {
     CordonedThisBoot,
     Vmis(WatchUpdate<VmiInfo>),
     Pods(WatchUpdate<PodInfo>),
+    /// The answers to [`Effect::Cordon`], [`Effect::Uncordon`], [`Effect::Evict`] and
+    /// [`Effect::Stop`].
     Cordoned(CordonResult),
     Uncordoned(Result<(), String>),
     Evicted {
@@ -73,9 +83,11 @@ pub enum Input {
     },
     /// The clock reached [`Machine::next_wakeup`] (or any later instant).
     Tick,
+    /// SIGTERM or SIGINT.
     Terminate,
 }
 
+/// Why the drain let the shutdown go on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReleaseReason {
     /// No VMI (and in scope `all` no evictable pod) is left on the node.
@@ -92,10 +104,15 @@ impl ReleaseReason {
     }
 }
 
+/// What the machine asks the driver to do. The driver carries out [`Effect::ReleaseLock`] before
+/// anything else of the same step, and sends every answer back as an [`Input`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
+    /// Make the node unschedulable, marked as ours.
     Cordon,
+    /// Lift our cordon (a cancelled shutdown).
     Uncordon,
+    /// `POST pods/<name>/eviction`, once; the machine decides about retries.
     Evict(PodRef),
     /// Stop a VMI gracefully by deleting its launcher pod with `grace_seconds`.
     Stop {
@@ -105,20 +122,145 @@ pub enum Effect {
         grace_seconds: u32,
         why: StopReason,
     },
+    /// The drain is over: let the shutdown go on now (close the lock's fd). The `drain` command
+    /// ends here.
     ReleaseLock {
         reason: ReleaseReason,
         remaining: Vec<ObjKey>,
     },
+    /// Ask logind for a new lock (after a cancelled shutdown).
     TakeLock,
-    /// A Warning Event on the Node.
-    Warn {
-        reason: &'static str,
-        note: String,
-    },
+    /// Something an operator must hear about (a Warning Event on the Node for the agent).
+    Warn { reason: &'static str, note: String },
+    /// Stop running; `draining` when a drain is cut short.
     Exit {
         draining: bool,
         remaining: Vec<ObjKey>,
     },
+}
+
+/// What changed in one step, said once by the machine so reporters (logs, metrics, Events, the
+/// Node's condition, a terminal) never have to ask it again.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Note {
+    /// A lock was taken; `again` after logind or the bus had gone away with the last one.
+    LockTaken {
+        delay_max: Duration,
+        again: bool,
+    },
+    LockLost,
+    DelayMax(Duration),
+    DrainStarted {
+        kind: String,
+        budget: Duration,
+        vmis: Vec<ObjKey>,
+    },
+    /// The API server answered an eviction.
+    Evicted {
+        pod: PodRef,
+        vmi: Option<String>,
+        outcome: EvictionOutcome,
+    },
+    /// The API server accepted a graceful stop.
+    Stopped {
+        vmi: ObjKey,
+        vmi_uid: String,
+        grace_seconds: u32,
+        why: StopReason,
+    },
+    StopFailed {
+        vmi: ObjKey,
+        error: String,
+    },
+    /// KubeVirt marked a VMI of this node for evacuation.
+    EvacuationRequested {
+        vmi: ObjKey,
+    },
+    Migrating {
+        vmi: ObjKey,
+        target: Option<String>,
+    },
+    MigrationFailed {
+        vmi: ObjKey,
+        target: Option<String>,
+    },
+    /// A VMI of the current drain reached a new state.
+    Vmi {
+        key: ObjKey,
+        state: VmiState,
+    },
+    /// A VMI is no longer on the node; `how` in words, `left` how many remain.
+    VmiLeft {
+        vmi: ObjKey,
+        how: String,
+        left: usize,
+    },
+    /// Passed on from [`Effect::Warn`] by the driver.
+    Warning {
+        reason: &'static str,
+        note: String,
+    },
+    /// The drain is over: released (empty or deadline) or cancelled.
+    Ended(DrainEnd),
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    Released(ReleaseReason),
+    Cancelled,
+}
+
+/// The record of a drain that ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DrainEnd {
+    pub reason: EndReason,
+    pub kind: String,
+    pub elapsed: Duration,
+    pub migrated: usize,
+    pub stopped: usize,
+    /// VMIs (`ns/name`) and, in scope `all`, pods (`pod ns/name`) still on the node.
+    pub remaining: Vec<String>,
+}
+
+/// Where the machine is, as reporters show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PhaseLabel {
+    Idle,
+    Draining,
+    Released,
+}
+
+impl PhaseLabel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PhaseLabel::Idle => "idle",
+            PhaseLabel::Draining => "draining",
+            PhaseLabel::Released => "released",
+        }
+    }
+}
+
+/// The current or last drain as reporters show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DrainView {
+    pub kind: String,
+    /// Up to now, or to the release.
+    pub elapsed: Duration,
+    pub budget: Duration,
+    pub vmis: Vec<VmiProgress>,
+    /// VMIs still on the node (scope `all`: without its other pods).
+    pub vmis_remaining: usize,
+    pub pods_remaining: Vec<String>,
+}
+
+/// The machine's state after a step, as one value for reporters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub phase: PhaseLabel,
+    pub lock_held: bool,
+    pub delay_max: Option<Duration>,
+    pub drain: Option<DrainView>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,7 +285,7 @@ enum Attempt {
     InFlight,
     RetryAt(Instant),
     /// Nothing more to send; the watches tell how it ends.
-    Settled(&'static str),
+    Settled(EvictionState),
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +304,13 @@ impl Track {
     fn due(&self, now: Instant) -> bool {
         matches!(self.attempt, Attempt::RetryAt(t) if t <= now)
     }
+    fn state(&self) -> EvictionState {
+        match self.attempt {
+            Attempt::InFlight => EvictionState::InFlight,
+            Attempt::RetryAt(_) => EvictionState::Retrying,
+            Attempt::Settled(s) => s,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +319,7 @@ enum CordonState {
     Settled,
 }
 
+/// A drain under way.
 #[derive(Debug, Clone)]
 pub struct Drain {
     pub started: Instant,
@@ -179,10 +329,17 @@ pub struct Drain {
     /// Non-VM pods are evicted once no VMI is left, or from this instant on at the latest.
     others_from: Instant,
     evictions: HashMap<String, Track>,
-    /// By VMI UID.
-    stops: HashMap<String, Track>,
+    /// By VMI UID, with what was sent.
+    stops: HashMap<String, (Track, StopSent)>,
     /// VMIs KubeVirt refused to migrate (by UID).
     not_migratable: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct StopSent {
+    vmi: ObjKey,
+    grace_seconds: u32,
+    why: StopReason,
 }
 
 #[derive(Debug, Clone)]
@@ -238,15 +395,30 @@ impl<T> Inventory<T> {
     }
 }
 
+/// The drain's state machine. Feed it with [`Machine::handle`], wake it at
+/// [`Machine::next_wakeup`], and read what changed with [`Machine::take_notes`].
 #[derive(Debug)]
 pub struct Machine {
     cfg: MachineConfig,
     phase: Phase,
     lock_held: bool,
+    /// The lock went away with logind or the bus; the next one taken is a reconnect.
+    lock_lost: bool,
     delay_max: Option<Duration>,
     cordoned_by_us: bool,
     vmis: Inventory<VmiInfo>,
     pods: Inventory<PodInfo>,
+    /// Per-VMI progress of the current or last drain.
+    progress: Option<Tracked>,
+    notes: Vec<Note>,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    kind: String,
+    budget: Duration,
+    progress: Progress,
+    ended: Option<Instant>,
 }
 
 impl Machine {
@@ -255,10 +427,44 @@ impl Machine {
             cfg,
             phase: Phase::Idle,
             lock_held: false,
+            lock_lost: false,
             delay_max: None,
             cordoned_by_us: false,
             vmis: Inventory::default(),
             pods: Inventory::default(),
+            progress: None,
+            notes: Vec::new(),
+        }
+    }
+
+    /// What changed since the last call, in order.
+    pub fn take_notes(&mut self) -> Vec<Note> {
+        std::mem::take(&mut self.notes)
+    }
+
+    /// The state after the last step, for reporters.
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        let phase = match self.phase {
+            Phase::Idle => PhaseLabel::Idle,
+            Phase::Draining(_) => PhaseLabel::Draining,
+            Phase::Released { .. } => PhaseLabel::Released,
+        };
+        Snapshot {
+            phase,
+            lock_held: self.lock_held,
+            delay_max: self.delay_max,
+            drain: self.progress.as_ref().map(|t| DrainView {
+                kind: t.kind.clone(),
+                elapsed: t.progress.elapsed(t.ended.unwrap_or(now)),
+                budget: t.budget,
+                vmis: t.progress.snapshot(),
+                vmis_remaining: self.remaining_vmis().len(),
+                pods_remaining: self
+                    .other_pods_remaining()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            }),
         }
     }
 
@@ -315,7 +521,7 @@ impl Machine {
         )
     }
 
-    /// When the runtime must feed [`Input::Tick`] next, if at all.
+    /// When the driver must feed [`Input::Tick`] next, if at all. Only inputs change it.
     pub fn next_wakeup(&self) -> Option<Instant> {
         let Phase::Draining(d) = &self.phase else {
             return None;
@@ -323,7 +529,7 @@ impl Machine {
         let mut next = d.deadline;
         let mut consider = |t: Instant| next = next.min(t);
         if d.cordon == CordonState::Settled {
-            for t in d.evictions.values().chain(d.stops.values()) {
+            for t in d.evictions.values().chain(d.stops.values().map(|(t, _)| t)) {
                 if let Attempt::RetryAt(at) = t.attempt {
                     consider(at);
                 }
@@ -346,9 +552,7 @@ impl Machine {
         let grace = self
             .launcher_of(&vmi.uid)
             .map(|p| Duration::from_secs(p.grace_seconds as u64))
-            .unwrap_or(Duration::from_secs(
-                crate::drain::model::DEFAULT_GRACE_SECONDS as u64,
-            ));
+            .unwrap_or(Duration::from_secs(DEFAULT_GRACE_SECONDS as u64));
         let half = d.started + (d.deadline - d.started) / 2;
         d.deadline.checked_sub(grace).unwrap_or(d.started).max(half)
     }
@@ -369,19 +573,48 @@ impl Machine {
         pods.into_iter().next()
     }
 
+    /// Takes one input at `now` and returns what must be done; [`Machine::take_notes`] then
+    /// says what changed.
     pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Effect> {
         let mut fx = Vec::new();
+        let was_draining = matches!(self.phase, Phase::Draining(_));
+        let before: BTreeSet<ObjKey> = self.remaining_vmis().into_iter().collect();
+        let mut seen: Option<(VmiInfo, bool)> = None;
+        let mut prev: Option<VmiInfo> = None;
         match input {
             Input::LockTaken { delay_max } => {
                 self.lock_held = true;
                 self.delay_max = Some(delay_max);
+                self.notes.push(Note::LockTaken {
+                    delay_max,
+                    again: std::mem::take(&mut self.lock_lost),
+                });
             }
-            Input::LockLost => self.lock_held = false,
-            Input::DelayMax(d) => self.delay_max = Some(d),
+            Input::LockLost => {
+                self.lock_held = false;
+                self.lock_lost = true;
+                self.notes.push(Note::LockLost);
+            }
+            Input::DelayMax(d) => {
+                self.delay_max = Some(d);
+                self.notes.push(Note::DelayMax(d));
+            }
             Input::CordonedThisBoot => self.cordoned_by_us = true,
             Input::Shutdown { start: true, kind } => match &mut self.phase {
                 Phase::Idle => {
                     let budget = self.budget();
+                    let kind_label = kind.clone().unwrap_or_else(|| "unknown".into());
+                    self.progress = Some(Tracked {
+                        kind: kind_label.clone(),
+                        budget,
+                        progress: Progress::new(&self.cfg.node, now),
+                        ended: None,
+                    });
+                    self.notes.push(Note::DrainStarted {
+                        kind: kind_label,
+                        budget,
+                        vmis: self.remaining_vmis(),
+                    });
                     self.phase = Phase::Draining(Box::new(Drain {
                         started: now,
                         deadline: now + budget,
@@ -396,12 +629,20 @@ impl Machine {
                 }
                 Phase::Draining(d) => {
                     if d.kind.is_none() {
+                        if let (Some(k), Some(t)) = (&kind, self.progress.as_mut()) {
+                            t.kind = k.clone();
+                        }
                         d.kind = kind;
                     }
                 }
                 Phase::Released { .. } => {}
             },
             Input::Shutdown { start: false, .. } => {
+                if was_draining {
+                    let end = self.end(now, EndReason::Cancelled);
+                    self.notes.push(Note::Ended(end));
+                    self.progress = None;
+                }
                 if !matches!(self.phase, Phase::Idle) {
                     self.phase = Phase::Idle;
                     if self.cordoned_by_us {
@@ -412,7 +653,16 @@ impl Machine {
                     fx.push(Effect::TakeLock);
                 }
             }
-            Input::Vmis(u) => self.vmis.apply(u, |v| v.uid.clone()),
+            Input::Vmis(u) => {
+                if let WatchUpdate::Applied(v) | WatchUpdate::Deleted(v) = &u {
+                    prev = self.vmis.live.get(&v.uid).cloned();
+                    seen = Some((v.clone(), matches!(u, WatchUpdate::Deleted(_))));
+                    if let WatchUpdate::Applied(v) = &u {
+                        self.note_vmi_update(prev.as_ref(), v);
+                    }
+                }
+                self.vmis.apply(u, |v| v.uid.clone())
+            }
             Input::Pods(u) => self.pods.apply(u, |p| p.uid.clone()),
             Input::Cordoned(r) => {
                 if r == CordonResult::CordonedByUs {
@@ -432,11 +682,13 @@ impl Machine {
             }
             Input::Evicted { pod, outcome } => {
                 if let Phase::Draining(d) = &mut self.phase {
-                    let vmi_uid = self
-                        .pods
-                        .live
-                        .get(&pod.uid)
-                        .and_then(|p| p.created_by.clone());
+                    let launcher = self.pods.live.get(&pod.uid);
+                    let vmi_uid = launcher.and_then(|p| p.created_by.clone());
+                    self.notes.push(Note::Evicted {
+                        pod: pod.clone(),
+                        vmi: launcher.and_then(|p| p.domain.clone()),
+                        outcome: outcome.clone(),
+                    });
                     let t = d
                         .evictions
                         .entry(pod.uid.clone())
@@ -447,26 +699,38 @@ impl Machine {
                             t.attempt = Attempt::RetryAt(now + backoff(t.failures));
                         }
                         EvictionOutcome::NotMigratable => {
-                            t.attempt = Attempt::Settled(outcome.label());
+                            t.attempt = Attempt::Settled(EvictionState::NotMigratable);
                             if let Some(uid) = vmi_uid
                                 && !d.not_migratable.contains(&uid)
                             {
                                 d.not_migratable.push(uid);
                             }
                         }
-                        other => t.attempt = Attempt::Settled(other.label()),
+                        other => t.attempt = Attempt::Settled(other.settled()),
                     }
                 }
             }
             Input::Stopped { vmi_uid, result } => {
                 if let Phase::Draining(d) = &mut self.phase
-                    && let Some(t) = d.stops.get_mut(&vmi_uid)
+                    && let Some((t, sent)) = d.stops.get_mut(&vmi_uid)
                 {
                     match result {
-                        Ok(()) => t.attempt = Attempt::Settled("deleted"),
-                        Err(_) => {
+                        Ok(()) => {
+                            t.attempt = Attempt::Settled(EvictionState::Evicted);
+                            self.notes.push(Note::Stopped {
+                                vmi: sent.vmi.clone(),
+                                vmi_uid,
+                                grace_seconds: sent.grace_seconds,
+                                why: sent.why,
+                            });
+                        }
+                        Err(error) => {
                             t.failures += 1;
                             t.attempt = Attempt::RetryAt(now + backoff(t.failures));
+                            self.notes.push(Note::StopFailed {
+                                vmi: sent.vmi.clone(),
+                                error,
+                            });
                         }
                     }
                 }
@@ -486,7 +750,120 @@ impl Machine {
             }
         }
         self.pump(now, &mut fx);
+        self.note_progress(now, was_draining, &before, seen, prev.as_ref());
         fx
+    }
+
+    /// Evacuation and migration milestones of a VMI of this node, from one watch update.
+    fn note_vmi_update(&mut self, prev: Option<&VmiInfo>, next: &VmiInfo) {
+        let node = self.cfg.node.as_str();
+        if !next.runs_on(node) && prev.is_none_or(|p| !p.runs_on(node)) {
+            return;
+        }
+        let prev_evac = prev.and_then(|p| p.evacuation_node.as_deref());
+        if next.evacuation_node.is_some() && prev_evac != next.evacuation_node.as_deref() {
+            self.notes.push(Note::EvacuationRequested {
+                vmi: next.key.clone(),
+            });
+        }
+        let prev_m = prev.and_then(|p| p.migration.as_ref());
+        if let Some(m) = &next.migration {
+            if m.target_node.is_some()
+                && prev_m.and_then(|p| p.target_node.as_ref()) != m.target_node.as_ref()
+                && !m.completed
+            {
+                self.notes.push(Note::Migrating {
+                    vmi: next.key.clone(),
+                    target: m.target_node.clone(),
+                });
+            }
+            if m.failed && !prev_m.is_some_and(|p| p.failed) {
+                self.notes.push(Note::MigrationFailed {
+                    vmi: next.key.clone(),
+                    target: m.target_node.clone(),
+                });
+            }
+        }
+    }
+
+    /// Per-VMI progress and departures after one input.
+    fn note_progress(
+        &mut self,
+        now: Instant,
+        was_draining: bool,
+        before: &BTreeSet<ObjKey>,
+        seen: Option<(VmiInfo, bool)>,
+        prev: Option<&VmiInfo>,
+    ) {
+        let deleted = seen.as_ref().filter(|(_, d)| *d).map(|(v, _)| v);
+        if self.progress.as_ref().is_some_and(|t| t.ended.is_none()) {
+            let known: Vec<(&VmiInfo, Option<EvictionState>, bool)> = self
+                .vmis
+                .live
+                .values()
+                .map(|v| {
+                    let eviction = self
+                        .launcher_of(&v.uid)
+                        .and_then(|p| self.eviction_state(&p.uid));
+                    (v, eviction, self.stop_sent(&v.uid))
+                })
+                .collect();
+            let changes = match self.progress.as_mut() {
+                Some(t) => t.progress.update(now, &known, deleted),
+                None => Vec::new(),
+            };
+            for (key, state) in changes {
+                self.notes.push(Note::Vmi { key, state });
+            }
+        }
+        if !was_draining && matches!(self.phase, Phase::Idle) {
+            return;
+        }
+        let after: BTreeSet<ObjKey> = self.remaining_vmis().into_iter().collect();
+        for gone in before.difference(&after) {
+            let how = match &seen {
+                Some((v, deleted)) if &v.key == gone => {
+                    departure(&self.cfg.node, v, *deleted, prev)
+                }
+                _ => "left".into(),
+            };
+            self.notes.push(Note::VmiLeft {
+                vmi: gone.clone(),
+                how,
+                left: after.len(),
+            });
+        }
+    }
+
+    /// The record of the current drain, as it ends now.
+    fn end(&mut self, now: Instant, reason: EndReason) -> DrainEnd {
+        let mut remaining: Vec<String> = self
+            .remaining_vmis()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        if reason != EndReason::Cancelled {
+            remaining.extend(
+                self.other_pods_remaining()
+                    .iter()
+                    .map(|p| format!("pod {p}")),
+            );
+        }
+        let (kind, elapsed, (migrated, stopped, _)) = match self.progress.as_mut() {
+            Some(t) => {
+                t.ended = Some(now);
+                (t.kind.clone(), t.progress.elapsed(now), t.progress.counts())
+            }
+            None => ("unknown".into(), Duration::ZERO, (0, 0, 0)),
+        };
+        DrainEnd {
+            reason,
+            kind,
+            elapsed,
+            migrated,
+            stopped,
+            remaining,
+        }
     }
 
     /// Moves a drain on: sends due evictions and stops, and releases the lock when the node is
@@ -584,18 +961,24 @@ impl Machine {
             };
             let due = match d.stops.get(&v.uid) {
                 None => true,
-                Some(t) => t.due(now),
+                Some((t, _)) => t.due(now),
             };
             let Some(pod) = launchers.get(&v.uid) else {
                 continue;
             };
             if due {
                 let grace = (pod.grace_seconds as u64).min(remaining.as_secs()).max(1) as u32;
-                let t = d
+                let sent = StopSent {
+                    vmi: v.key.clone(),
+                    grace_seconds: grace,
+                    why,
+                };
+                let (t, s) = d
                     .stops
                     .entry(v.uid.clone())
-                    .or_insert_with(Track::in_flight);
+                    .or_insert_with(|| (Track::in_flight(), sent.clone()));
                 t.attempt = Attempt::InFlight;
+                *s = sent;
                 fx.push(Effect::Stop {
                     vmi: v.key.clone(),
                     vmi_uid: v.uid.clone(),
@@ -641,6 +1024,8 @@ impl Machine {
             Phase::Draining(d) => d.started,
             _ => now,
         };
+        let end = self.end(now, EndReason::Released(reason));
+        self.notes.push(Note::Ended(end));
         self.phase = Phase::Released {
             reason,
             started,
@@ -658,6 +1043,13 @@ impl Machine {
         self.launcher_of(vmi_uid)
     }
 
+    fn eviction_state(&self, pod_uid: &str) -> Option<EvictionState> {
+        let Phase::Draining(d) = &self.phase else {
+            return None;
+        };
+        d.evictions.get(pod_uid).map(|t| t.state())
+    }
+
     /// Whether a graceful stop was sent for this VMI in the current drain.
     pub fn stop_sent(&self, vmi_uid: &str) -> bool {
         matches!(&self.phase, Phase::Draining(d) if d.stops.contains_key(vmi_uid))
@@ -672,19 +1064,12 @@ impl Machine {
             .collect()
     }
 
-    /// Per-pod eviction progress for logs and status: pod UID → state label.
-    pub fn eviction_states(&self) -> BTreeMap<String, &'static str> {
+    /// Per-pod eviction progress: pod UID → state.
+    pub fn eviction_states(&self) -> BTreeMap<String, EvictionState> {
         let mut out = BTreeMap::new();
         if let Phase::Draining(d) = &self.phase {
             for (uid, t) in &d.evictions {
-                out.insert(
-                    uid.clone(),
-                    match t.attempt {
-                        Attempt::InFlight => "in_flight",
-                        Attempt::RetryAt(_) => "retrying",
-                        Attempt::Settled(s) => s,
-                    },
-                );
+                out.insert(uid.clone(), t.state());
             }
         }
         out
@@ -701,6 +1086,36 @@ fn name_list(names: &[String], max: usize) -> String {
     format!("{} and {} more", names[..max].join(", "), names.len() - max)
 }
 
+/// How VMI `v` left the node, in words for the log.
+fn departure(node: &str, v: &VmiInfo, deleted: bool, prev: Option<&VmiInfo>) -> String {
+    if v.is_finished() {
+        return format!("stopped ({})", v.phase.as_deref().unwrap_or(""));
+    }
+    if let Some(t) = v
+        .migration
+        .as_ref()
+        .filter(|m| m.completed)
+        .and_then(|m| m.target_node.clone())
+    {
+        return format!("migrated to {t}");
+    }
+    if let Some(n) = v.node_name.as_ref().filter(|n| n.as_str() != node) {
+        return format!("migrated to {n}");
+    }
+    if deleted {
+        return match prev
+            .and_then(|p| p.migration.as_ref())
+            .and_then(|m| m.target_node.as_ref())
+        {
+            Some(t) => format!("migrated to {t}"),
+            None => "deleted".into(),
+        };
+    }
+    "left".into()
+}
+
+/// How long a drain may take: the override, else logind's maximum delay minus the margin (half
+/// the delay when the margin would eat it all).
 pub fn drain_budget(
     delay_max: Option<Duration>,
     margin: Duration,
@@ -715,3 +1130,7 @@ pub fn drain_budget(
         _ => delay / 2,
     }
 }
+
+#[cfg(test)]
+#[path = "machine_tests.rs"]
+mod tests;

@@ -1,0 +1,416 @@
+//! The one executor of a drain, for the agent and the `drain` command alike: it owns the node's
+//! two watches and the loop, feeds the [`Machine`] every input (a trigger, a watch update, an API
+//! answer, the clock, SIGTERM/SIGINT) and carries out its [`Effect`]s — the release first, then
+//! the report of the step, then cordon/uncordon, evictions and stops, each API call on a task
+//! of its own whose answer comes back as an input, so a slow call never holds up the release.
+//!
+//! What differs between its two callers is given to it, not copied:
+//! - what starts a drain: a stream of trigger inputs (logind's signals, or one `on-demand` start);
+//! - how the cordon is marked: a [`CordonMark`] (boot ID, or maintenance);
+//! - whether a lock is held: a [`Gate`] (logind's lock, or [`NoLock`]);
+//! - how progress is reported: a [`Reporter`] (metrics, condition and Events, or a terminal);
+//! - whether it ends at the first release (`once`: the `drain` command).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Node;
+use kube::{Api, Client};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::drain::machine::{
+    CordonResult, Effect, EndReason, Input, Machine, MachineConfig, Note, Phase, ReleaseReason,
+    Snapshot,
+};
+use crate::drain::model::ObjKey;
+use crate::kube::cordon::{self, CordonMark};
+use crate::kube::{pods, watch};
+
+#[cfg(test)]
+mod tests;
+
+/// How the shutdown is held: logind's lock for the agent, nothing for the `drain` command.
+pub trait Gate {
+    /// Lets the shutdown go on now (closes the lock's fd); whether a lock was held.
+    fn release(&self) -> bool;
+    /// Asks for a new lock (after a cancelled shutdown).
+    fn retake(&self);
+}
+
+/// No lock: the `drain` command.
+pub struct NoLock;
+
+impl Gate for NoLock {
+    fn release(&self) -> bool {
+        false
+    }
+    fn retake(&self) {}
+}
+
+/// One step of the drain, as reporters see it: what changed and the state after it.
+pub struct Step<'a> {
+    pub now: Instant,
+    pub notes: &'a [Note],
+    pub snapshot: &'a Snapshot,
+}
+
+/// How progress is reported.
+pub trait Reporter {
+    /// Called once per input, after the lock's release and before any other effect.
+    fn report(&mut self, step: &Step<'_>);
+    /// How often [`Reporter::tick`] is called (a terminal's redraw); never by default.
+    fn tick_every(&self) -> Option<Duration> {
+        None
+    }
+    fn tick(&mut self, _now: Instant, _snapshot: &Snapshot) {}
+}
+
+/// What the driver is run with.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    pub machine: MachineConfig,
+    pub mark: CordonMark,
+    /// End at the first release (the `drain` command) instead of running until terminated.
+    pub once: bool,
+}
+
+/// How a run of the driver ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The drain let the shutdown go on (only with `once`).
+    Released(ReleaseReason),
+    /// SIGTERM/SIGINT; `draining` when a drain was cut short, with what was left.
+    Terminated {
+        draining: bool,
+        remaining: Vec<ObjKey>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+pub struct Driver<R> {
+    node: String,
+    client: Client,
+    nodes: Api<Node>,
+    mark: CordonMark,
+    once: bool,
+    machine: Machine,
+    reporter: R,
+    gate: Arc<dyn Gate + Send + Sync>,
+    tx: mpsc::UnboundedSender<Input>,
+    rx: mpsc::UnboundedReceiver<Input>,
+}
+
+/// The driver's clock: tokio's, so tests can pause and advance it.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+impl<R: Reporter> Driver<R> {
+    pub fn new(
+        cfg: DriverConfig,
+        client: Client,
+        gate: Arc<dyn Gate + Send + Sync>,
+        reporter: R,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Driver {
+            node: cfg.machine.node.clone(),
+            nodes: Api::all(client.clone()),
+            client,
+            mark: cfg.mark,
+            once: cfg.once,
+            machine: Machine::new(cfg.machine),
+            reporter,
+            gate,
+            tx,
+            rx,
+        }
+    }
+
+    /// Where the caller's other tasks send inputs (the start-up reconcile, logind's delay).
+    pub fn sender(&self) -> mpsc::UnboundedSender<Input> {
+        self.tx.clone()
+    }
+
+    /// Takes one input now, outside the loop (before [`Driver::run`]).
+    pub fn feed(&mut self, input: Input) -> Option<Outcome> {
+        self.step(now(), input)
+    }
+
+    /// Runs until the drain is released (`once`) or SIGTERM/SIGINT; hands the reporter back.
+    pub async fn run(
+        mut self,
+        triggers: impl Stream<Item = Input> + Unpin,
+    ) -> Result<(Outcome, R), DriverError> {
+        let mut sigterm = signal(SignalKind::terminate()).map_err(DriverError::Signals)?;
+        let mut sigint = signal(SignalKind::interrupt()).map_err(DriverError::Signals)?;
+        self.spawn_watches();
+        let mut triggers = triggers.fuse();
+        let mut ticks = self.reporter.tick_every().map(tokio::time::interval);
+        loop {
+            let wake = self.machine.next_wakeup();
+            let sleep = async move {
+                match wake {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let tick = async {
+                match ticks.as_mut() {
+                    Some(t) => t.tick().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let input = tokio::select! {
+                biased;
+                _ = sigterm.recv() => Input::Terminate,
+                _ = sigint.recv() => Input::Terminate,
+                Some(i) = triggers.next() => i,
+                Some(i) = self.rx.recv() => i,
+                _ = sleep => Input::Tick,
+                _ = tick => {
+                    let at = now();
+                    let snapshot = self.machine.snapshot(at);
+                    self.reporter.tick(at, &snapshot);
+                    continue;
+                }
+            };
+            if let Some(outcome) = self.step(now(), input) {
+                return Ok((outcome, self.reporter));
+            }
+        }
+    }
+
+    /// One input through the machine, and its effects carried out: the release first, then the
+    /// report, then the rest.
+    fn step(&mut self, now: Instant, input: Input) -> Option<Outcome> {
+        let fx = self.machine.handle(now, input);
+        let mut notes = self.machine.take_notes();
+        log_notes(&self.node, &notes);
+        let (urgent, rest): (Vec<Effect>, Vec<Effect>) = fx
+            .into_iter()
+            .partition(|e| matches!(e, Effect::ReleaseLock { .. }));
+        let mut outcome = None;
+        for e in urgent {
+            if let Effect::ReleaseLock { reason, remaining } = e {
+                self.release(now, reason, &remaining);
+                if self.once {
+                    outcome = Some(Outcome::Released(reason));
+                }
+            }
+        }
+        for e in &rest {
+            if let Effect::Warn { reason, note } = e {
+                warn!(node = %self.node, reason, note = %note, "warning event");
+                notes.push(Note::Warning {
+                    reason,
+                    note: note.clone(),
+                });
+            }
+        }
+        let snapshot = self.machine.snapshot(now);
+        self.reporter.report(&Step {
+            now,
+            notes: &notes,
+            snapshot: &snapshot,
+        });
+        for e in rest {
+            if let Some(o) = self.execute(e) {
+                return Some(o);
+            }
+        }
+        outcome
+    }
+
+    fn release(&self, now: Instant, reason: ReleaseReason, remaining: &[ObjKey]) {
+        let held = self.gate.release();
+        let drain_ms = match self.machine.phase() {
+            Phase::Released { started, .. } => now.duration_since(*started).as_millis() as u64,
+            _ => 0,
+        };
+        info!(
+            node = %self.node,
+            reason = reason.as_str(),
+            was_held = held,
+            drain_ms,
+            remaining = %keys(remaining),
+            "lock released"
+        );
+    }
+
+    fn execute(&self, effect: Effect) -> Option<Outcome> {
+        let node = self.node.clone();
+        let tx = self.tx.clone();
+        match effect {
+            Effect::Cordon => {
+                let (api, mark) = (self.nodes.clone(), self.mark.clone());
+                tokio::spawn(async move {
+                    let r = cordon::cordon(&api, &node, &mark).await;
+                    match &r {
+                        CordonResult::CordonedByUs => {
+                            info!(node = %node, mark = %mark.value, "node cordoned")
+                        }
+                        CordonResult::AlreadyUnschedulable => {
+                            info!(node = %node, "node already unschedulable; leaving its cordon as it is")
+                        }
+                        CordonResult::Failed(e) => {
+                            warn!(node = %node, error = %e, "cordon failed; evicting anyway")
+                        }
+                    }
+                    let _ = tx.send(Input::Cordoned(r));
+                });
+            }
+            Effect::Uncordon => {
+                let (api, annotation) = (self.nodes.clone(), self.mark.annotation);
+                tokio::spawn(async move {
+                    let r = cordon::uncordon(&api, &node, annotation, true).await;
+                    match &r {
+                        Ok(true) => info!(node = %node, "node uncordoned"),
+                        Ok(false) => {
+                            info!(node = %node, "our cordon annotation is gone; node left as it is")
+                        }
+                        Err(e) => warn!(node = %node, error = %e, "uncordon failed"),
+                    }
+                    let _ = tx.send(Input::Uncordoned(r.map(|_| ()).map_err(|e| e.to_string())));
+                });
+            }
+            Effect::Evict(pod) => {
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    let outcome = pods::evict(client, &pod).await;
+                    let _ = tx.send(Input::Evicted { pod, outcome });
+                });
+            }
+            Effect::Stop {
+                vmi,
+                vmi_uid,
+                pod,
+                grace_seconds,
+                why,
+            } => {
+                info!(
+                    node = %node,
+                    vmi = %vmi,
+                    pod = %pod.key,
+                    grace_seconds,
+                    why = why.as_str(),
+                    "stopping vmi"
+                );
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    let result = pods::stop(client, &pod, grace_seconds).await;
+                    let _ = tx.send(Input::Stopped { vmi_uid, result });
+                });
+            }
+            Effect::TakeLock => {
+                info!(node = %node, "taking a new lock");
+                self.gate.retake();
+            }
+            // Passed to the reporter with the step's notes.
+            Effect::Warn { .. } | Effect::ReleaseLock { .. } => {}
+            Effect::Exit {
+                draining,
+                remaining,
+            } => {
+                if draining {
+                    warn!(
+                        node = %node,
+                        remaining = %keys(&remaining),
+                        "terminated during a drain; the shutdown goes on without us"
+                    );
+                } else {
+                    info!(node = %node, "terminated");
+                }
+                return Some(Outcome::Terminated {
+                    draining,
+                    remaining,
+                });
+            }
+        }
+        None
+    }
+
+    fn spawn_watches(&self) {
+        let (client, node, tx) = (self.client.clone(), self.node.clone(), self.tx.clone());
+        let (c, n, t) = (client.clone(), node.clone(), tx.clone());
+        tokio::spawn(async move {
+            let mut s = std::pin::pin!(watch::vmis(c, &n));
+            while let Some(u) = s.next().await {
+                if t.send(Input::Vmis(u)).is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let mut s = std::pin::pin!(watch::pods(client, &node));
+            while let Some(u) = s.next().await {
+                if tx.send(Input::Pods(u)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+pub fn keys(v: &[ObjKey]) -> String {
+    v.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The drain's log, the same for both callers: every event names the node, pod and VMI.
+fn log_notes(node: &str, notes: &[Note]) {
+    for n in notes {
+        match n {
+            Note::DrainStarted { kind, budget, vmis } => info!(
+                node = %node,
+                kind = %kind,
+                budget_ms = budget.as_millis() as u64,
+                vmis = %keys(vmis),
+                "drain started"
+            ),
+            Note::Ended(end) if end.reason == EndReason::Cancelled => {
+                info!(node = %node, "shutdown cancelled; drain stopped")
+            }
+            Note::VmiLeft { vmi, how, left } => {
+                info!(node = %node, vmi = %vmi, how = %how, left, "vmi left node")
+            }
+            Note::EvacuationRequested { vmi } => {
+                info!(node = %node, vmi = %vmi, "vmi evacuation requested")
+            }
+            Note::Migrating { vmi, target } => info!(
+                node = %node,
+                vmi = %vmi,
+                target_node = target.as_deref().unwrap_or(""),
+                "vmi migrating"
+            ),
+            Note::MigrationFailed { vmi, target } => warn!(
+                node = %node,
+                vmi = %vmi,
+                target_node = target.as_deref().unwrap_or(""),
+                "vmi migration failed"
+            ),
+            Note::Evicted { pod, vmi, outcome } => info!(
+                node = %node,
+                pod = %pod.key,
+                vmi = vmi.as_deref().unwrap_or(""),
+                outcome = outcome.label(),
+                detail = %outcome.detail(),
+                "eviction"
+            ),
+            Note::StopFailed { vmi, error } => {
+                warn!(node = %node, vmi = %vmi, error = %error, "stop failed; retrying")
+            }
+            _ => {}
+        }
+    }
+}
