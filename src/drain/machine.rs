@@ -411,6 +411,8 @@ pub struct Machine {
     /// Per-VMI progress of the current or last drain.
     progress: Option<Tracked>,
     notes: Vec<Note>,
+    /// The drain was released in the step being handled.
+    released_now: Option<ReleaseReason>,
 }
 
 #[derive(Debug)]
@@ -434,6 +436,7 @@ impl Machine {
             pods: Inventory::default(),
             progress: None,
             notes: Vec::new(),
+            released_now: None,
         }
     }
 
@@ -751,6 +754,10 @@ impl Machine {
         }
         self.pump(now, &mut fx);
         self.note_progress(now, was_draining, &before, seen, prev.as_ref());
+        if let Some(reason) = self.released_now.take() {
+            let end = self.end(now, EndReason::Released(reason));
+            self.notes.push(Note::Ended(end));
+        }
         fx
     }
 
@@ -868,6 +875,13 @@ impl Machine {
 
     /// Moves a drain on: sends due evictions and stops, and releases the lock when the node is
     /// empty or the deadline has come.
+    ///
+    /// While the cordon is on its way, launcher pods are evicted at once and nothing else
+    /// happens: nothing puts a VM back on this node within that round trip (a migration target
+    /// never lands on its source, a restarted VMI comes only after the old one has shut down),
+    /// and every millisecond here is taken from the migrations. Other pods wait for the cordon,
+    /// or their controllers could recreate them right here; stops and the release wait too, so
+    /// the node is never left without our cordon.
     fn pump(&mut self, now: Instant, fx: &mut Vec<Effect>) {
         let Phase::Draining(d) = &self.phase else {
             return;
@@ -878,12 +892,6 @@ impl Machine {
                 self.release(now, ReleaseReason::Deadline, fx);
                 return;
             }
-            // Launcher pods go at once, with the cordon in flight: nothing puts a VM back on
-            // this node within that round trip (a migration target never lands on its source,
-            // a restarted VMI comes only after the old one has shut down), and every
-            // millisecond here is taken from the migrations. Other pods wait for the cordon, or
-            // their controllers could recreate them right here; stops and the release wait
-            // too, so the node is never left without our cordon.
             let Phase::Draining(d) = &mut self.phase else {
                 return;
             };
@@ -1024,8 +1032,8 @@ impl Machine {
             Phase::Draining(d) => d.started,
             _ => now,
         };
-        let end = self.end(now, EndReason::Released(reason));
-        self.notes.push(Note::Ended(end));
+        // Recorded once this step's progress is in (see `handle`).
+        self.released_now = Some(reason);
         self.phase = Phase::Released {
             reason,
             started,

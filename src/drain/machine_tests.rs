@@ -695,3 +695,38 @@ fn launchers_go_with_the_cordon_in_flight_other_pods_wait_for_it() {
         "the launcher is not evicted twice"
     );
 }
+
+#[test]
+fn the_record_of_a_drain_counts_the_departure_that_ended_it() {
+    let mut b = Bed::new(Scope::Vms);
+    let (a, c) = (vmi("a", NODE), vmi("c", NODE));
+    b.list(
+        &[a.clone(), c.clone()],
+        &[launcher(&a, NODE), launcher(&c, NODE)],
+    );
+    b.start(0);
+    b.m.take_notes();
+    b.feed(
+        100,
+        Input::Vmis(WatchUpdate::Deleted(migrated(a, "node-2"))),
+    );
+    let mut stopped = c.clone();
+    stopped.phase = Some("Succeeded".into());
+    let fx = b.feed(200, Input::Vmis(WatchUpdate::Applied(stopped)));
+    assert!(released(&fx).is_some());
+    let notes = b.m.take_notes();
+    let end = notes
+        .iter()
+        .find_map(|n| match n {
+            Note::Ended(e) => Some(e.clone()),
+            _ => None,
+        })
+        .expect("the release is recorded");
+    assert_eq!((end.migrated, end.stopped), (1, 1), "{notes:?}");
+    assert_eq!(end.elapsed, Duration::from_millis(200));
+    assert!(
+        notes
+            .iter()
+            .any(|n| matches!(n, Note::VmiLeft { vmi, left: 0, .. } if vmi.name == "c"))
+    );
+}
