@@ -66,9 +66,29 @@ pub struct Settings {
     /// Where `/metrics`, `/healthz`, `/readyz` and `/status` are served.
     #[serde(with = "text")]
     pub listen_address: SocketAddr,
+    /// `uid:gid` the drain worker runs as when the holder runs as root; empty: the holder's own.
+    #[serde(with = "text")]
+    pub worker_user: WorkerUser,
+    /// Where the holder notes when a drain began, for a holder restarted during it: a `tmpfs`
+    /// that outlives the process (an `emptyDir` in the pod, `RuntimeDirectory` on the host).
+    #[serde(with = "abs_path")]
+    pub state_dir: PathBuf,
+    /// After the lock's release, how long until the holder checks that the shutdown really goes
+    /// on (and then every so often); one that failed is guarded again.
+    #[serde(with = "duration")]
+    pub rearm_after: Duration,
+    /// A socket where the holder waits for a worker of its own container (a pod); unset, the
+    /// holder starts the worker itself (a host).
+    #[serde(with = "opt_path")]
+    pub link_socket: Option<PathBuf>,
 }
 
 impl Settings {
+    /// The drain worker's uid and gid, if it is to change.
+    pub fn worker_ids(&self) -> Option<(u32, u32)> {
+        self.worker_user.0
+    }
+
     pub const DEFAULT_SAFETY_MARGIN: Duration = Duration::from_secs(5);
     pub const DEFAULT_DRAIN_BUDGET: Duration = Duration::from_secs(300);
     pub const DEFAULT_DROPIN: &'static str = "/etc/systemd/logind.conf.d/99-shutdown-guard.conf";
@@ -94,6 +114,10 @@ impl Default for Settings {
             listen_address: Self::DEFAULT_LISTEN_ADDRESS
                 .parse()
                 .expect("the default address parses"),
+            worker_user: WorkerUser(Some((65534, 65534))),
+            state_dir: PathBuf::from("/run/shutdown-guard"),
+            rearm_after: Duration::from_secs(5),
+            link_socket: None,
         }
     }
 }
@@ -151,6 +175,22 @@ pub struct Flags {
     #[arg(long, value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
     pub listen_address: Option<SocketAddr>,
+    /// uid:gid of the drain worker when running as root; empty for the holder's own [default: 65534:65534].
+    #[arg(long, value_name = "UID:GID", help_heading = "Processes")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub worker_user: Option<WorkerUser>,
+    /// Where the holder notes a drain's start for a restarted holder [default: /run/shutdown-guard].
+    #[arg(long, value_name = "DIR", help_heading = "Processes")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub state_dir: Option<AbsPath>,
+    /// After a release, when to check that the shutdown goes on, and guard again if not [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_flag_duration, help_heading = "Processes")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_duration")]
+    pub rearm_after: Option<Duration>,
+    /// Socket between the holder and a worker in a container of its own (a pod); unset: the holder starts the worker.
+    #[arg(long, value_name = "PATH", help_heading = "Processes")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub link_socket: Option<AbsPath>,
 }
 
 /// Where settings come from, so tests can load them without touching the process environment.
@@ -388,6 +428,38 @@ impl Display for NodeName {
     }
 }
 
+/// The drain worker's `uid:gid`, or none (the holder's own identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerUser(pub Option<(u32, u32)>);
+
+impl Setting for WorkerUser {
+    fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Ok(WorkerUser(None));
+        }
+        let ids = s
+            .split_once(':')
+            .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)));
+        match ids {
+            Some((0, _)) | Some((_, 0)) => Err(
+                "a non-root uid:gid such as 65534:65534 (root would defeat the split), or empty"
+                    .into(),
+            ),
+            Some(ids) => Ok(WorkerUser(Some(ids))),
+            None => Err("numeric uid:gid such as 65534:65534, or empty".into()),
+        }
+    }
+}
+
+impl Display for WorkerUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some((u, g)) => write!(f, "{u}:{g}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// An absolute path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AbsPath(pub PathBuf);
@@ -426,7 +498,7 @@ macro_rules! flag_from_str {
         }
     )*};
 }
-flag_from_str!(NodeName, AbsPath);
+flag_from_str!(NodeName, AbsPath, WorkerUser);
 
 /// `90s`, `2m 30s`, `1500ms` (humantime) or a bare number of seconds.
 pub fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {

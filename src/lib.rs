@@ -6,8 +6,9 @@
 //!   machine, progress);
 //! - [`kube`] and [`host`]: adapters to the API server and to the node (logind, boot ID);
 //! - [`driver`]: the one executor that runs a drain against them;
-//! - [`agent`] (`run`), [`cli`] (`check`, `status`, `drain`, `uncordon`) and [`admin`] (the
-//!   HTTP endpoints): the callers.
+//! - [`holder`] (`run`: the lock, and nothing else) and [`agent`] (`worker`: the drain, started
+//!   by the holder), [`cli`] (`check`, `status`, `drain`, `uncordon`) and [`admin`] (the HTTP
+//!   endpoints): the callers.
 
 pub mod admin;
 pub mod agent;
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod drain;
 pub mod driver;
+pub mod holder;
 pub mod host;
 pub mod kube;
 pub mod telemetry;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use shutdown_guard::agent::{Exit, run};
+use shutdown_guard::agent::{Exit, Handover, run};
 use shutdown_guard::config::{self, Flags, Sources};
 use shutdown_guard::drain::model::Scope;
 
@@ -24,6 +24,9 @@ struct Cli {
 enum Command {
     /// Run the agent: hold a logind delay lock and drain the node's VMs when it shuts down.
     Run(RunArgs),
+    /// The drain worker `run` starts (internal).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
     /// Preflight on the node: would a shutdown now be graceful? Takes the agent's settings.
     /// Exit 1 when a check fails (with --strict also on warnings), 2 on invalid settings.
     Check(CheckArgs),
@@ -108,6 +111,18 @@ struct UncordonArgs {
 }
 
 #[derive(Args)]
+struct WorkerArgs {
+    /// Our end of the holder's link (when the holder started us; else `link_socket`).
+    #[arg(long)]
+    link_fd: Option<i32>,
+    /// The kubeconfig the holder read for us.
+    #[arg(long)]
+    kubeconfig_fd: Option<i32>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args)]
 struct RunArgs {
     /// TOML or YAML settings file (keys as in SHUTDOWN_GUARD_* without the prefix, lowercase).
     #[arg(long, value_name = "FILE", help_heading = "General")]
@@ -167,7 +182,8 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run_agent(args),
+        Command::Run(args) => run_holder(args),
+        Command::Worker(args) => run_worker(args),
         Command::Check(a) => check(a),
         Command::Status(a) => status(a),
         Command::Drain(a) => drain(a),
@@ -259,24 +275,52 @@ fn uncordon(a: UncordonArgs) -> Result<ExitCode, ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_agent(args: RunArgs) -> Result<ExitCode, ExitCode> {
+fn run_holder(args: RunArgs) -> Result<ExitCode, ExitCode> {
     let settings = load_settings(&args)?;
     shutdown_guard::telemetry::init(settings.log_format);
+    // The worker gets the same settings: the same flags after `worker`.
+    let worker_args: Vec<std::ffi::OsString> = std::env::args_os().skip(2).collect();
     let rt = runtime()?;
-    let result = rt.block_on(run(settings));
+    let result = rt.block_on(shutdown_guard::holder::run(settings, worker_args));
+    rt.shutdown_background();
+    Ok(match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fatal(anyhow::Error::from(e)),
+    })
+}
+
+fn run_worker(args: WorkerArgs) -> Result<ExitCode, ExitCode> {
+    let settings = load_settings(&args.run)?;
+    shutdown_guard::telemetry::init(settings.log_format);
+    let rt = runtime()?;
+    let handover = match (args.link_fd, &settings.link_socket) {
+        (Some(link_fd), _) => Handover::Fds {
+            link_fd,
+            kubeconfig_fd: args.kubeconfig_fd,
+        },
+        (None, Some(path)) => Handover::Socket(path.clone()),
+        (None, None) => {
+            eprintln!(
+                "shutdown-guard: the worker needs its holder: set link_socket (SHUTDOWN_GUARD_LINK_SOCKET) to the holder's socket; `shutdown-guard run` starts a worker itself"
+            );
+            return Err(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let result = rt.block_on(run(settings, handover));
     // Not waiting for in-flight API calls: on SIGTERM the process must be gone at once.
     rt.shutdown_background();
     Ok(match result {
         Ok(Exit::Terminated) | Ok(Exit::TerminatedDuringDrain { .. }) => ExitCode::SUCCESS,
-        Err(e) => {
-            let msg = anyhow::Error::from(e);
-            tracing::error!(error = format!("{msg:#}"), "fatal");
-            // Kubernetes shows this file's text in the pod's status; only inside a pod.
-            let term_log = std::path::Path::new("/dev/termination-log");
-            if term_log.exists() {
-                let _ = std::fs::write(term_log, format!("{msg:#}\n"));
-            }
-            ExitCode::FAILURE
-        }
+        Err(e) => fatal(anyhow::Error::from(e)),
     })
+}
+
+fn fatal(msg: anyhow::Error) -> ExitCode {
+    tracing::error!(error = format!("{msg:#}"), "fatal");
+    // Kubernetes shows this file's text in the pod's status; only inside a pod.
+    let term_log = std::path::Path::new("/dev/termination-log");
+    if term_log.exists() {
+        let _ = std::fs::write(term_log, format!("{msg:#}\n"));
+    }
+    ExitCode::FAILURE
 }

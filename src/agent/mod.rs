@@ -1,29 +1,36 @@
-//! `shutdown-guard run`: the agent. It takes logind's delay lock before anything else, then
-//! runs the [driver](crate::driver) with logind's `PrepareForShutdown` as the trigger, the
-//! boot-ID cordon mark, the lock as its gate and [`report::AgentReporter`] for metrics, the
-//! Node's condition, Events and `/status`.
+//! The drain worker (`shutdown-guard worker`, started by the [holder](crate::holder)): the part
+//! of the agent that talks to the API server, unprivileged and without the system bus. It runs
+//! the [driver](crate::driver) with the holder's relay of logind's signals as the trigger, the
+//! boot-ID cordon mark, the holder's lock as its gate and [`report::AgentReporter`] for metrics,
+//! the Node's condition, Events and `/status`. Restarted mid-drain, it resumes from the API's
+//! state: KubeVirt keeps its evacuations, our annotation says the cordon is ours.
 
 pub mod report;
 pub mod startup;
 
-use std::sync::Arc;
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdStream;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use kube::Api;
-use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::Settings;
-use crate::drain::machine::{Input, MachineConfig};
+use crate::drain::machine::{Input, MachineConfig, Note};
 use crate::drain::model::ObjKey;
-use crate::driver::{Driver, DriverConfig, DriverError, Gate, Outcome};
+use crate::driver::{Driver, DriverConfig, DriverError, Gate, Outcome, Reporter, Step};
+use crate::holder::link::{LinkError, ToHolder, ToWorker};
 use crate::host::bootid;
-use crate::host::logind::{self, LockControl, LogindEvent};
 use crate::kube::cordon::CordonMark;
 use crate::kube::events::{NodeEvents, Reports};
+
+/// The worker tells the holder it is alive this often.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -31,43 +38,110 @@ pub enum RunError {
     BootId(#[from] bootid::BootIdError),
     #[error(transparent)]
     Client(#[from] crate::kube::ClientError),
-    #[error("installing signal handlers: {0}")]
-    Signals(std::io::Error),
+    #[error("the link to the holder: {0}")]
+    Link(std::io::Error),
     #[error(transparent)]
     Driver(#[from] DriverError),
 }
 
-/// How the agent stopped.
+/// How the worker stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
-    /// SIGTERM/SIGINT while idle or after the release.
+    /// SIGTERM/SIGINT, or the holder went away, while idle or after the release.
     Terminated,
-    /// SIGTERM/SIGINT during a drain: the shutdown goes on without us.
+    /// Stopped during a drain: the holder takes over (restarts a worker, or releases at the
+    /// deadline).
     TerminatedDuringDrain { remaining: Vec<ObjKey> },
 }
 
-/// logind's lock is the agent's gate: releasing the drain closes the lock's fd.
-impl Gate for LockControl {
-    fn release(&self) -> bool {
-        LockControl::release(self)
-    }
-    fn retake(&self) {
-        self.take()
+/// How the worker reaches its holder.
+#[derive(Debug, Clone)]
+pub enum Handover {
+    /// Started by the holder: the link and the kubeconfig it read are these fds.
+    Fds {
+        link_fd: i32,
+        kubeconfig_fd: Option<i32>,
+    },
+    /// A container of its own: the holder's socket.
+    Socket(std::path::PathBuf),
+}
+
+/// Connects to the holder's socket, waiting for it to be there (the holder's container starts
+/// first, but may be restarting).
+async fn connect(path: &std::path::Path) -> Result<StdStream, RunError> {
+    let mut failures = 0;
+    loop {
+        match tokio::net::UnixStream::connect(path).await {
+            Ok(s) => return s.into_std().map_err(RunError::Link),
+            Err(e) => {
+                failures += 1;
+                let wait = crate::drain::eviction::backoff(failures);
+                warn!(path = %path.display(), error = %e, retry_ms = wait.as_millis() as u64, "the holder's socket does not answer");
+                tokio::time::sleep(wait).await;
+            }
+        }
     }
 }
 
-/// Runs the agent until SIGTERM/SIGINT.
-pub async fn run(settings: Settings) -> Result<Exit, RunError> {
+/// The holder's lock, through the link.
+struct HolderGate {
+    link: Arc<Mutex<StdStream>>,
+}
+
+fn send(link: &Mutex<StdStream>, m: ToHolder) -> bool {
+    let mut g = link.lock().unwrap_or_else(|e| e.into_inner());
+    g.write_all(format!("{m}\n").as_bytes()).is_ok()
+}
+
+impl Gate for HolderGate {
+    fn release(&self) -> bool {
+        send(&self.link, ToHolder::Release)
+    }
+    fn retake(&self) {
+        send(&self.link, ToHolder::Retake);
+    }
+}
+
+/// What the holder says, as the machine takes it.
+fn input_of(m: ToWorker) -> Input {
+    match m {
+        ToWorker::Lock { delay_max, .. } => Input::LockTaken { delay_max },
+        ToWorker::Lost => Input::LockLost,
+        ToWorker::NoLock { delay_max } => Input::LockRefused { delay_max },
+        ToWorker::Delay(d) => Input::DelayMax(d),
+        ToWorker::Shutdown { start, kind } => Input::Shutdown { start, kind },
+        ToWorker::Resume { kind, elapsed } => Input::Resume { kind, elapsed },
+    }
+}
+
+/// Runs the worker until the holder goes away or SIGTERM/SIGINT.
+pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunError> {
     let node = settings.node.clone();
+    // When memory runs out where the holder lives too, the kernel should pick us: a worker is
+    // restarted and resumes, the holder's lock is the node's last guard.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "500");
+    let _ = nix::sys::prctl::set_no_new_privs();
+    let (link, kubeconfig) = match handover {
+        Handover::Fds {
+            link_fd,
+            kubeconfig_fd,
+        } => (
+            // SAFETY: the holder started us with `link_fd` open on our end of its socket pair,
+            // and nothing else in this process owns that descriptor.
+            StdStream::from(unsafe { OwnedFd::from_raw_fd(link_fd) }),
+            kubeconfig_fd.and_then(|fd| std::fs::read(format!("/proc/self/fd/{fd}")).ok()),
+        ),
+        Handover::Socket(path) => (connect(&path).await?, None),
+    };
     let boot_id = bootid::read_boot_id(&settings.boot_id_path)?;
-    info!(node = %node, boot_id = %boot_id, scope = %settings.scope, "starting");
+    info!(node = %node, boot_id = %boot_id, scope = %settings.scope, uid = nix::unistd::getuid().as_raw(), "worker starting");
 
     let admin = AdminState::default();
     admin.update(|s| {
         s.node = node.clone();
         s.drain_budget_s = Some(settings.drain_budget.as_secs_f64());
     });
-    // Metrics and probes are worth less than the lock: a port in use is logged, not fatal.
+    // Metrics and probes are worth less than the drain: a port in use is logged, not fatal.
     match admin::bind(settings.listen_address).await {
         Ok(l) => admin::serve(l, admin.clone()),
         Err(e) => error!(
@@ -78,17 +152,40 @@ pub async fn run(settings: Settings) -> Result<Exit, RunError> {
         ),
     }
 
-    // Lock first: nothing talks to the API server before logind holds the shutdown for us.
-    let (ltx, mut lrx) = mpsc::unbounded_channel();
-    let lock = logind::spawn(node.clone(), ltx);
-    let Some((delay_max, preparing, early)) = wait_for_lock(&mut lrx).await? else {
-        return Ok(Exit::Terminated);
+    let writer = Arc::new(Mutex::new(link.try_clone().map_err(RunError::Link)?));
+    link.set_nonblocking(true).map_err(RunError::Link)?;
+    let reader = tokio::net::UnixStream::from_std(link).map_err(RunError::Link)?;
+    let mut lines = BufReader::new(reader).lines();
+    spawn_heartbeat(writer.clone());
+
+    // Nothing talks to the API server before the holder says where logind stands.
+    let first = loop {
+        match lines.next_line().await.map_err(RunError::Link)? {
+            None => return Ok(Exit::Terminated),
+            Some(l) => match l.parse::<ToWorker>() {
+                Ok(m @ (ToWorker::Lock { .. } | ToWorker::NoLock { .. })) => break m,
+                Ok(other) => warn!(node = %node, message = %other, "before the lock; ignored"),
+                Err(e) => warn!(node = %node, error = %e, "ignoring the holder's line"),
+            },
+        }
+    };
+    let (delay_max, preparing) = match &first {
+        ToWorker::Lock {
+            delay_max,
+            preparing,
+        } => (*delay_max, *preparing),
+        ToWorker::NoLock { delay_max } => (*delay_max, true),
+        _ => unreachable!("only lock and nolock end the wait"),
     };
 
-    let client = crate::kube::client(settings.kubeconfig.as_deref()).await?;
+    let client = match &kubeconfig {
+        Some(text) => crate::kube::client_from(crate::kube::Source::Text(text)).await?,
+        None => crate::kube::client(settings.kubeconfig.as_deref()).await?,
+    };
     let _ = admin.client.set(client.clone());
     let events = NodeEvents::new(client.clone(), &node, None);
     let reports = Reports::spawn(client.clone(), &node, events.clone());
+    let reporter = Faults::from_env(report::AgentReporter::new(&node, admin.clone(), reports));
     let mut driver = Driver::new(
         DriverConfig {
             machine: MachineConfig {
@@ -101,10 +198,12 @@ pub async fn run(settings: Settings) -> Result<Exit, RunError> {
             once: false,
         },
         client.clone(),
-        Arc::new(lock),
-        report::AgentReporter::new(&node, admin.clone(), reports),
+        Arc::new(HolderGate {
+            link: writer.clone(),
+        }),
+        reporter,
     );
-    driver.feed(Input::LockTaken { delay_max });
+    driver.feed(input_of(first));
 
     let tx = driver.sender();
     startup::spawn_reconcile(
@@ -115,19 +214,27 @@ pub async fn run(settings: Settings) -> Result<Exit, RunError> {
         tx.clone(),
         events.clone(),
     );
-    startup::spawn_logind_config_check(&settings, delay_max, tx.clone(), events);
-    if preparing || early.as_ref().is_some_and(|(s, _)| *s) {
-        info!(node = %node, "a shutdown is already under way; draining now");
-        let kind = early.and_then(|(_, k)| k);
-        let _ = tx.send(Input::Shutdown { start: true, kind });
-    }
+    startup::spawn_logind_config_check(&settings, delay_max, events);
 
-    let triggers =
-        futures::stream::unfold(
-            lrx,
-            |mut rx| async move { rx.recv().await.map(|e| (e, rx)) },
-        )
-        .map(move |ev| logind_input(&node, ev));
+    let n = node.clone();
+    let triggers = futures::stream::unfold(lines, |mut lines| async move {
+        match lines.next_line().await {
+            Ok(Some(l)) => Some((Some(l), lines)),
+            // The holder is gone: nothing guards this node any more.
+            _ => Some((None, lines)),
+        }
+    })
+    .filter_map(move |line| {
+        let r = match line.map(|l| l.parse::<ToWorker>()) {
+            None => Some(Input::Terminate),
+            Some(Ok(m)) => Some(input_of(m)),
+            Some(Err(LinkError { line, .. })) => {
+                warn!(node = %n, line = %line, "ignoring the holder's line");
+                None
+            }
+        };
+        async move { r }
+    });
     let (outcome, _) = driver.run(Box::pin(triggers)).await?;
     Ok(match outcome {
         Outcome::Terminated {
@@ -138,42 +245,68 @@ pub async fn run(settings: Settings) -> Result<Exit, RunError> {
     })
 }
 
-/// A shutdown signal that came before the lock: `(start, kind)`.
-type Early = Option<(bool, Option<String>)>;
+fn spawn_heartbeat(link: Arc<Mutex<StdStream>>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(HEARTBEAT);
+        loop {
+            every.tick().await;
+            if !send(&link, ToHolder::Alive) {
+                return;
+            }
+        }
+    });
+}
 
-/// Waits for logind's first lock; `None` when told to stop first.
-async fn wait_for_lock(
-    lrx: &mut mpsc::UnboundedReceiver<LogindEvent>,
-) -> Result<Option<(Duration, bool, Early)>, RunError> {
-    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
-    let mut early = None;
-    loop {
-        tokio::select! {
-            ev = lrx.recv() => match ev {
-                Some(LogindEvent::LockTaken { delay_max, preparing }) => {
-                    return Ok(Some((delay_max, preparing, early)))
-                }
-                Some(LogindEvent::Shutdown { start, kind }) => early = Some((start, kind)),
-                Some(LogindEvent::LockLost { .. }) => {}
-                None => return Ok(None),
-            },
-            _ = sigterm.recv() => return Ok(None),
-            _ = sigint.recv() => return Ok(None),
+/// Faults the reliability tests inject into a real worker (`SGTEST_FAULT=panic:N` or `oom:N`:
+/// after the N-th eviction answer, panic, or allocate until the kernel kills it). Unset in
+/// production; the variable is outside the `SHUTDOWN_GUARD_*` settings on purpose.
+struct Faults<R> {
+    inner: R,
+    fault: Option<(String, usize)>,
+    evictions: usize,
+}
+
+impl<R> Faults<R> {
+    fn from_env(inner: R) -> Self {
+        let fault = std::env::var("SGTEST_FAULT").ok().and_then(|v| {
+            let (kind, n) = v.split_once(':')?;
+            Some((kind.to_string(), n.parse().ok()?))
+        });
+        Faults {
+            inner,
+            fault,
+            evictions: 0,
         }
     }
 }
 
-fn logind_input(node: &str, ev: LogindEvent) -> Input {
-    match ev {
-        LogindEvent::LockTaken { delay_max, .. } => Input::LockTaken { delay_max },
-        LogindEvent::LockLost { why } => {
-            warn!(node = %node, why = %why, "lock lost");
-            Input::LockLost
+impl<R: Reporter> Reporter for Faults<R> {
+    fn report(&mut self, step: &Step<'_>) {
+        self.inner.report(step);
+        let Some((kind, after)) = &self.fault else {
+            return;
+        };
+        self.evictions += step
+            .notes
+            .iter()
+            .filter(|n| matches!(n, Note::Evicted { .. }))
+            .count();
+        if self.evictions < *after {
+            return;
         }
-        LogindEvent::Shutdown { start, kind } => {
-            info!(node = %node, start, kind = kind.as_deref().unwrap_or(""), "shutdown signal");
-            Input::Shutdown { start, kind }
+        match kind.as_str() {
+            "panic" => panic!("SGTEST_FAULT: panic after {after} eviction answers"),
+            "oom" => {
+                let mut hog: Vec<Vec<u8>> = Vec::new();
+                // Up to 64 GiB, touched so the pages are really used; the kernel ends it long
+                // before under any memory limit.
+                for _ in 0..4096 {
+                    hog.push(vec![1u8; 16 << 20]);
+                    std::hint::black_box(&hog);
+                }
+                std::process::abort();
+            }
+            _ => {}
         }
     }
 }

@@ -13,7 +13,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::Settings;
 use crate::drain::eviction::backoff;
 use crate::drain::machine::Input;
-use crate::host::{logind, logind_conf};
+use crate::host::logind_conf;
 use crate::kube::cordon::{self, AGENT_ANNOTATION};
 use crate::kube::events::NodeEvents;
 
@@ -112,81 +112,47 @@ pub fn spawn_reconcile(
     });
 }
 
-/// Optionally raises logind's `InhibitDelayMaxSec` with a drop-in, and in every case warns when
-/// the effective delay is shorter than the drain budget.
-pub fn spawn_logind_config_check(
-    settings: &Settings,
-    delay_max: Duration,
-    tx: mpsc::UnboundedSender<Input>,
-    events: NodeEvents,
-) {
+/// Warns (log and Event) when logind's effective delay is shorter than the drain budget, naming
+/// the file that sets it. (The holder writes the drop-in when asked to; the worker only reads.)
+pub fn spawn_logind_config_check(settings: &Settings, delay: Duration, events: NodeEvents) {
     let node = settings.node.clone();
     let s = settings.clone();
+    if delay >= s.drain_budget {
+        return;
+    }
     tokio::spawn(async move {
-        let mut delay = delay_max;
-        if s.write_logind_dropin {
-            let wanted = s.drain_budget + s.safety_margin;
-            match logind_conf::write_dropin(&s.host_root, &s.logind_dropin, wanted) {
-                Ok(changed) => {
-                    info!(node = %node, dropin = %s.logind_dropin.display(), changed, wanted_s = wanted.as_secs(), "logind drop-in written");
-                    if changed || delay < wanted {
-                        match logind::reload_and_verify(wanted).await {
-                            Ok(d) => {
-                                if d < wanted {
-                                    warn!(
-                                        node = %node,
-                                        inhibit_delay_max_ms = d.as_millis() as u64,
-                                        wanted_ms = wanted.as_millis() as u64,
-                                        dropin = %s.logind_dropin.display(),
-                                        "logind reloaded but does not use the drop-in's value"
-                                    );
-                                } else {
-                                    info!(node = %node, inhibit_delay_max_ms = d.as_millis() as u64, "logind reloaded");
-                                }
-                                delay = d;
-                                let _ = tx.send(Input::DelayMax(d));
-                            }
-                            Err(e) => warn!(node = %node, error = %e, "reloading logind failed"),
-                        }
-                    }
-                }
-                Err(e) => warn!(node = %node, error = %e, "writing the logind drop-in failed"),
+        let set_by = logind_conf::find_effective_setting(&s.host_root);
+        let (file, value) = set_by
+            .map(|(p, v)| (p.display().to_string(), v))
+            .unwrap_or_else(|| {
+                (
+                    "(no file sets it: logind's built-in default)".into(),
+                    String::new(),
+                )
+            });
+        warn!(
+            node = %node,
+            inhibit_delay_max_ms = delay.as_millis() as u64,
+            drain_budget_ms = s.drain_budget.as_millis() as u64,
+            set_by = %file,
+            value = %value,
+            "logind's InhibitDelayMaxUSec is shorter than the drain budget"
+        );
+        let note = format!(
+            "logind waits at most {:?} for shutdown locks but the drain budget is {:?}; InhibitDelayMaxSec is set by {file}{}",
+            delay,
+            s.drain_budget,
+            if value.is_empty() {
+                String::new()
+            } else {
+                format!(" to {value}")
             }
-        }
-        if delay < s.drain_budget {
-            let set_by = logind_conf::find_effective_setting(&s.host_root);
-            let (file, value) = set_by
-                .map(|(p, v)| (p.display().to_string(), v))
-                .unwrap_or_else(|| {
-                    (
-                        "(no file sets it: logind's built-in default)".into(),
-                        String::new(),
-                    )
-                });
-            warn!(
-                node = %node,
-                inhibit_delay_max_ms = delay.as_millis() as u64,
-                drain_budget_ms = s.drain_budget.as_millis() as u64,
-                set_by = %file,
-                value = %value,
-                "logind's InhibitDelayMaxUSec is shorter than the drain budget"
-            );
-            let note = format!(
-                "logind waits at most {:?} for shutdown locks but the drain budget is {:?}; InhibitDelayMaxSec is set by {file}{}",
-                delay,
-                s.drain_budget,
-                if value.is_empty() {
-                    String::new()
-                } else {
-                    format!(" to {value}")
-                }
-            );
-            if let Err(e) = events
-                .publish(true, "InhibitDelayTooShort", "Check", note)
-                .await
-            {
-                debug!(error = %e, "event not recorded");
-            }
+        );
+        if let Err(e) = events
+            .publish(true, "InhibitDelayTooShort", "Check", note)
+            .await
+        {
+            debug!(error = %e, "event not recorded");
         }
     });
 }

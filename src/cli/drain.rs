@@ -117,6 +117,16 @@ pub fn dry_run_plan(
             why: "scope all: evicted once the VMs are gone".into(),
         });
     }
+    for (r, job) in &p.inbound {
+        out.push(Planned {
+            object: format!("pod/{}", r.key),
+            action: "cancel".into(),
+            why: format!(
+                "target of a migration into this node ({}): cancelled so the VM stays on its source",
+                job.name.as_deref().unwrap_or(&job.uid)
+            ),
+        });
+    }
     for (r, reason) in &p.skipped {
         let why = match reason {
             SkipReason::DaemonSet => "DaemonSet pod (its controller would recreate it)",
@@ -125,6 +135,7 @@ pub fn dry_run_plan(
             SkipReason::Terminating => "already terminating; only waited for",
             SkipReason::OutOfScope => "not a virt-launcher pod (scope vms)",
             SkipReason::NotOurVmi => "launcher of a VMI not running here (migration target)",
+            SkipReason::Hotplug => "hotplugged volume of a running VM: it goes with the VM",
         };
         out.push(Planned {
             object: format!("pod/{}", r.key),

@@ -10,12 +10,17 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use super::eviction::{EvictionOutcome, EvictionState, backoff};
-use super::model::{DEFAULT_GRACE_SECONDS, ObjKey, PodInfo, PodRef, Scope, VmiInfo};
+use super::model::{DEFAULT_GRACE_SECONDS, MigrationJob, ObjKey, PodInfo, PodRef, Scope, VmiInfo};
 use super::plan::{self, Plan};
 use super::progress::{Progress, VmiProgress, VmiState};
 
 /// logind's own default `InhibitDelayMaxSec`, used when the property could not be read.
 pub const LOGIND_DEFAULT_DELAY: Duration = Duration::from_secs(5);
+
+/// How long a cordon that has not landed (on its way, or failing) holds back everything but the
+/// launcher pods' evictions. Past it the drain goes on without the cordon: a node that cannot be
+/// cordoned still has to be emptied before logind's cut.
+pub const CORDON_GRACE: Duration = Duration::from_secs(2);
 
 /// What a drain is run with; the same for the agent and the `drain` command.
 #[derive(Debug, Clone)]
@@ -56,6 +61,11 @@ pub enum Input {
     },
     /// logind or the bus went away with our lock.
     LockLost,
+    /// logind refuses a lock because a shutdown is already being delayed: the drain goes on
+    /// without one, inside logind's own cut.
+    LockRefused {
+        delay_max: Duration,
+    },
     /// logind's `InhibitDelayMaxUSec` read again (after a reload of its configuration).
     DelayMax(Duration),
     /// `PrepareForShutdown(start)`, or its `WithMetadata` form carrying the shutdown type; the
@@ -63,6 +73,11 @@ pub enum Input {
     Shutdown {
         start: bool,
         kind: Option<String>,
+    },
+    /// A drain that began `elapsed` ago, taken up again by a restarted worker (same deadline).
+    Resume {
+        kind: Option<String>,
+        elapsed: Duration,
     },
     /// At start the node carried our annotation with this boot's ID: we cordoned it earlier in
     /// this boot (the agent was restarted), so a cancel must undo it.
@@ -79,6 +94,11 @@ pub enum Input {
     },
     Stopped {
         vmi_uid: String,
+        result: Result<(), String>,
+    },
+    /// The answer to [`Effect::CancelMigration`].
+    MigrationCancelled {
+        pod_uid: String,
         result: Result<(), String>,
     },
     /// The clock reached [`Machine::next_wakeup`] (or any later instant).
@@ -128,6 +148,12 @@ pub enum Effect {
         reason: ReleaseReason,
         remaining: Vec<ObjKey>,
     },
+    /// Abort a migration into this node by deleting its VirtualMachineInstanceMigration, so the
+    /// VM stays on its source; `pod` is its target pod here.
+    CancelMigration { pod: PodRef, job: MigrationJob },
+    /// Ask KubeVirt to stop evacuating a VMI this drain had it evacuate (a cancelled shutdown;
+    /// `evacuate/cancel`, KubeVirt ≥ 1.7).
+    CancelEvacuation { vmi: ObjKey },
     /// Ask logind for a new lock (after a cancelled shutdown).
     TakeLock,
     /// Something an operator must hear about (a Warning Event on the Node for the agent).
@@ -171,6 +197,20 @@ pub enum Note {
     StopFailed {
         vmi: ObjKey,
         error: String,
+    },
+    /// A migration into this node was found; the drain cancels it.
+    Inbound {
+        pod: PodRef,
+        job: MigrationJob,
+    },
+    MigrationCancelled {
+        pod: PodRef,
+        result: Result<(), String>,
+    },
+    /// KubeVirt said "not live-migratable" while the VMI has not reported whether it is (it is
+    /// still booting): asked again, not stopped.
+    NotMigratableYet {
+        pod: PodRef,
     },
     /// KubeVirt marked a VMI of this node for evacuation.
     EvacuationRequested {
@@ -313,9 +353,12 @@ impl Track {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum CordonState {
-    Pending,
+    /// Waits for the uncordon of a cancelled shutdown to land first, so it cannot undo ours.
+    AfterUncordon,
+    /// On its way, or failed and waiting for its retry.
+    Pending(Track),
     Settled,
 }
 
@@ -326,6 +369,8 @@ pub struct Drain {
     pub deadline: Instant,
     pub kind: Option<String>,
     cordon: CordonState,
+    /// The operator was told the cordon had not landed within [`CORDON_GRACE`].
+    cordon_warned: bool,
     /// Non-VM pods are evicted once no VMI is left, or from this instant on at the latest.
     others_from: Instant,
     evictions: HashMap<String, Track>,
@@ -333,6 +378,17 @@ pub struct Drain {
     stops: HashMap<String, (Track, StopSent)>,
     /// VMIs KubeVirt refused to migrate (by UID).
     not_migratable: Vec<String>,
+    /// Cancels of migrations into this node, by target pod UID.
+    inbound: HashMap<String, Track>,
+    /// VMIs KubeVirt is evacuating because of this drain's evictions.
+    evacuating: BTreeSet<ObjKey>,
+}
+
+impl Drain {
+    /// The cordon has not landed and its grace has not run out.
+    fn cordon_holds(&self, now: Instant) -> bool {
+        !matches!(self.cordon, CordonState::Settled) && now < self.started + CORDON_GRACE
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -413,6 +469,12 @@ pub struct Machine {
     notes: Vec<Note>,
     /// The drain was released in the step being handled.
     released_now: Option<ReleaseReason>,
+    /// The uncordon of a cancelled shutdown, until it lands.
+    uncordon: Option<Track>,
+    /// logind refused us a lock (told once).
+    lock_refused: bool,
+    /// The instant of the last input: wake-ups are always after it.
+    now: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -437,6 +499,9 @@ impl Machine {
             progress: None,
             notes: Vec::new(),
             released_now: None,
+            uncordon: None,
+            lock_refused: false,
+            now: None,
         }
     }
 
@@ -494,6 +559,15 @@ impl Machine {
         )
     }
 
+    fn budget_capped(&self) -> bool {
+        budget_of(
+            self.delay_max,
+            self.cfg.safety_margin,
+            self.cfg.deadline_override,
+        )
+        .1
+    }
+
     /// VMIs still running on the node, sorted.
     pub fn remaining_vmis(&self) -> Vec<ObjKey> {
         let mut v: Vec<ObjKey> = self
@@ -524,29 +598,46 @@ impl Machine {
         )
     }
 
-    /// When the driver must feed [`Input::Tick`] next, if at all. Only inputs change it.
+    /// When the driver must feed [`Input::Tick`] next, if at all. Only inputs change it, and it
+    /// is always after the last input's instant: something due that cannot be done yet (a stop
+    /// without a launcher pod, a retry of a pod that left) waits for the input that changes
+    /// that, never for a clock that would spin.
     pub fn next_wakeup(&self) -> Option<Instant> {
-        let Phase::Draining(d) = &self.phase else {
-            return None;
+        let mut times: Vec<Instant> = Vec::new();
+        let retry = |t: &Track| match t.attempt {
+            Attempt::RetryAt(at) => Some(at),
+            _ => None,
         };
-        let mut next = d.deadline;
-        let mut consider = |t: Instant| next = next.min(t);
-        if d.cordon == CordonState::Settled {
-            for t in d.evictions.values().chain(d.stops.values().map(|(t, _)| t)) {
-                if let Attempt::RetryAt(at) = t.attempt {
-                    consider(at);
-                }
+        times.extend(self.uncordon.as_ref().and_then(retry));
+        if let Phase::Draining(d) = &self.phase {
+            times.push(d.deadline);
+            if let CordonState::Pending(t) = &d.cordon {
+                times.extend(retry(t));
+                times.push(d.started + CORDON_GRACE);
             }
+            times.extend(
+                d.evictions
+                    .values()
+                    .chain(d.stops.values().map(|(t, _)| t))
+                    .chain(d.inbound.values())
+                    .filter_map(retry),
+            );
             if self.cfg.scope == Scope::All {
-                consider(d.others_from);
+                times.push(d.others_from);
             }
             for v in self.vmis.live.values() {
-                if v.runs_on(&self.cfg.node) && !d.stops.contains_key(&v.uid) {
-                    consider(self.stop_by(d, v));
+                if v.runs_on(&self.cfg.node)
+                    && !d.stops.contains_key(&v.uid)
+                    && self.launcher_of(&v.uid).is_some()
+                {
+                    times.push(self.stop_by(d, v));
                 }
             }
         }
-        Some(next)
+        times
+            .into_iter()
+            .filter(|t| self.now.is_none_or(|now| *t > now))
+            .min()
     }
 
     /// The last instant at which `vmi` can be stopped with its launcher pod's full grace period
@@ -580,6 +671,7 @@ impl Machine {
     /// says what changed.
     pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Effect> {
         let mut fx = Vec::new();
+        self.now = Some(now);
         let was_draining = matches!(self.phase, Phase::Draining(_));
         let before: BTreeSet<ObjKey> = self.remaining_vmis().into_iter().collect();
         let mut seen: Option<(VmiInfo, bool)> = None;
@@ -587,6 +679,7 @@ impl Machine {
         match input {
             Input::LockTaken { delay_max } => {
                 self.lock_held = true;
+                self.lock_refused = false;
                 self.delay_max = Some(delay_max);
                 self.notes.push(Note::LockTaken {
                     delay_max,
@@ -602,45 +695,29 @@ impl Machine {
                 self.delay_max = Some(d);
                 self.notes.push(Note::DelayMax(d));
             }
-            Input::CordonedThisBoot => self.cordoned_by_us = true,
-            Input::Shutdown { start: true, kind } => match &mut self.phase {
-                Phase::Idle => {
-                    let budget = self.budget();
-                    let kind_label = kind.clone().unwrap_or_else(|| "unknown".into());
-                    self.progress = Some(Tracked {
-                        kind: kind_label.clone(),
-                        budget,
-                        progress: Progress::new(&self.cfg.node, now),
-                        ended: None,
+            Input::LockRefused { delay_max } => {
+                self.delay_max = Some(delay_max);
+                self.notes.push(Note::DelayMax(delay_max));
+                if !self.lock_refused {
+                    self.lock_refused = true;
+                    fx.push(Effect::Warn {
+                        reason: "DrainWithoutLock",
+                        note: "logind refused a delay lock: a shutdown was already being delayed when the agent started; draining without a lock, inside logind's own deadline".into(),
                     });
-                    self.notes.push(Note::DrainStarted {
-                        kind: kind_label,
-                        budget,
-                        vmis: self.remaining_vmis(),
-                    });
-                    self.phase = Phase::Draining(Box::new(Drain {
-                        started: now,
-                        deadline: now + budget,
-                        kind,
-                        cordon: CordonState::Pending,
-                        others_from: now + budget / 2,
-                        evictions: HashMap::new(),
-                        stops: HashMap::new(),
-                        not_migratable: Vec::new(),
-                    }));
-                    fx.push(Effect::Cordon);
                 }
-                Phase::Draining(d) => {
-                    if d.kind.is_none() {
-                        if let (Some(k), Some(t)) = (&kind, self.progress.as_mut()) {
-                            t.kind = k.clone();
-                        }
-                        d.kind = kind;
+            }
+            Input::CordonedThisBoot => self.cordoned_by_us = true,
+            Input::Shutdown { start: true, kind } => self.start(now, kind, &mut fx),
+            Input::Resume { kind, elapsed } => {
+                let started = now.checked_sub(elapsed).unwrap_or(now);
+                self.start(started, kind, &mut fx)
+            }
+            Input::Shutdown { start: false, .. } => {
+                if let Phase::Draining(d) = &self.phase {
+                    for vmi in &d.evacuating {
+                        fx.push(Effect::CancelEvacuation { vmi: vmi.clone() });
                     }
                 }
-                Phase::Released { .. } => {}
-            },
-            Input::Shutdown { start: false, .. } => {
                 if was_draining {
                     let end = self.end(now, EndReason::Cancelled);
                     self.notes.push(Note::Ended(end));
@@ -649,7 +726,8 @@ impl Machine {
                 if !matches!(self.phase, Phase::Idle) {
                     self.phase = Phase::Idle;
                     if self.cordoned_by_us {
-                        fx.push(Effect::Uncordon);
+                        self.uncordon = Some(Track::in_flight());
+                        fx.insert(0, Effect::Uncordon);
                     }
                 }
                 if !self.lock_held {
@@ -672,15 +750,44 @@ impl Machine {
                     self.cordoned_by_us = true;
                 }
                 match &mut self.phase {
-                    Phase::Draining(d) => d.cordon = CordonState::Settled,
+                    Phase::Draining(d) => {
+                        if let (CordonResult::Failed(_), CordonState::Pending(t)) =
+                            (&r, &mut d.cordon)
+                        {
+                            t.failures += 1;
+                            t.attempt = Attempt::RetryAt(now + backoff(t.failures));
+                        } else {
+                            d.cordon = CordonState::Settled;
+                        }
+                    }
                     // Cancelled while the cordon was on its way: undo it.
-                    Phase::Idle if r == CordonResult::CordonedByUs => fx.push(Effect::Uncordon),
+                    Phase::Idle if r == CordonResult::CordonedByUs => {
+                        self.uncordon = Some(Track::in_flight());
+                        fx.push(Effect::Uncordon);
+                    }
                     _ => {}
                 }
             }
             Input::Uncordoned(r) => {
-                if r.is_ok() {
-                    self.cordoned_by_us = false;
+                let draining = matches!(self.phase, Phase::Draining(_));
+                match (&r, self.uncordon.as_mut()) {
+                    (Ok(()), _) => {
+                        self.cordoned_by_us = false;
+                        self.uncordon = None;
+                    }
+                    // A new drain wants the node cordoned anyway.
+                    (Err(_), _) if draining => self.uncordon = None,
+                    (Err(_), Some(t)) => {
+                        t.failures += 1;
+                        t.attempt = Attempt::RetryAt(now + backoff(t.failures));
+                    }
+                    (Err(_), None) => {}
+                }
+                if let Phase::Draining(d) = &mut self.phase
+                    && matches!(d.cordon, CordonState::AfterUncordon)
+                {
+                    d.cordon = CordonState::Pending(Track::in_flight());
+                    fx.push(Effect::Cordon);
                 }
             }
             Input::Evicted { pod, outcome } => {
@@ -701,12 +808,30 @@ impl Machine {
                             t.failures += 1;
                             t.attempt = Attempt::RetryAt(now + backoff(t.failures));
                         }
+                        // Final only once the VMI itself says it cannot migrate: KubeVirt also
+                        // answers so while a VMI boots and has not reported `LiveMigratable`.
+                        EvictionOutcome::NotMigratable
+                            if vmi_uid
+                                .as_ref()
+                                .and_then(|u| self.vmis.live.get(u))
+                                .is_some_and(|v| v.live_migratable != Some(false)) =>
+                        {
+                            t.failures += 1;
+                            t.attempt = Attempt::RetryAt(now + backoff(t.failures));
+                            self.notes.push(Note::NotMigratableYet { pod: pod.clone() });
+                        }
                         EvictionOutcome::NotMigratable => {
                             t.attempt = Attempt::Settled(EvictionState::NotMigratable);
                             if let Some(uid) = vmi_uid
                                 && !d.not_migratable.contains(&uid)
                             {
                                 d.not_migratable.push(uid);
+                            }
+                        }
+                        EvictionOutcome::Evacuating => {
+                            t.attempt = Attempt::Settled(EvictionState::Evacuating);
+                            if let Some(name) = launcher.and_then(|p| p.domain.clone()) {
+                                d.evacuating.insert(ObjKey::new(&pod.key.namespace, name));
                             }
                         }
                         other => t.attempt = Attempt::Settled(other.settled()),
@@ -738,6 +863,29 @@ impl Machine {
                     }
                 }
             }
+            Input::MigrationCancelled { pod_uid, result } => {
+                if let Phase::Draining(d) = &mut self.phase
+                    && let Some(t) = d.inbound.get_mut(&pod_uid)
+                {
+                    let pod = self
+                        .pods
+                        .live
+                        .get(&pod_uid)
+                        .map(PodInfo::pod_ref)
+                        .unwrap_or_else(|| PodRef {
+                            key: ObjKey::new("", ""),
+                            uid: pod_uid.clone(),
+                        });
+                    match &result {
+                        Ok(()) => t.attempt = Attempt::Settled(EvictionState::Evicted),
+                        Err(_) => {
+                            t.failures += 1;
+                            t.attempt = Attempt::RetryAt(now + backoff(t.failures));
+                        }
+                    }
+                    self.notes.push(Note::MigrationCancelled { pod, result });
+                }
+            }
             Input::Tick => {}
             Input::Terminate => {
                 let draining = matches!(self.phase, Phase::Draining(_));
@@ -753,6 +901,12 @@ impl Machine {
             }
         }
         self.pump(now, &mut fx);
+        if let Some(t) = self.uncordon.as_mut()
+            && t.due(now)
+        {
+            t.attempt = Attempt::InFlight;
+            fx.push(Effect::Uncordon);
+        }
         self.note_progress(now, was_draining, &before, seen, prev.as_ref());
         if let Some(reason) = self.released_now.take() {
             let end = self.end(now, EndReason::Released(reason));
@@ -873,36 +1027,99 @@ impl Machine {
         }
     }
 
-    /// Moves a drain on: sends due evictions and stops, and releases the lock when the node is
-    /// empty or the deadline has come.
+    /// Starts a drain that began at `started` (now, or earlier for a resumed one); a second
+    /// start signal (`PrepareForShutdownWithMetadata` then `PrepareForShutdown`) only adds the
+    /// shutdown's type.
+    fn start(&mut self, started: Instant, kind: Option<String>, fx: &mut Vec<Effect>) {
+        match &mut self.phase {
+            Phase::Idle => {}
+            Phase::Draining(d) => {
+                if d.kind.is_none() {
+                    if let (Some(k), Some(t)) = (&kind, self.progress.as_mut()) {
+                        t.kind = k.clone();
+                    }
+                    d.kind = kind;
+                }
+                return;
+            }
+            Phase::Released { .. } => return,
+        }
+        let budget = self.budget();
+        let kind_label = kind.clone().unwrap_or_else(|| "unknown".into());
+        self.progress = Some(Tracked {
+            kind: kind_label.clone(),
+            budget,
+            progress: Progress::new(&self.cfg.node, started),
+            ended: None,
+        });
+        self.notes.push(Note::DrainStarted {
+            kind: kind_label,
+            budget,
+            vmis: self.remaining_vmis(),
+        });
+        // The uncordon of a cancelled shutdown still on its way could land after our cordon's
+        // read and undo it: ours goes once it has landed. One waiting for a retry is dropped.
+        let after_uncordon = match &self.uncordon {
+            Some(t) if t.attempt == Attempt::InFlight => true,
+            _ => {
+                self.uncordon = None;
+                false
+            }
+        };
+        self.phase = Phase::Draining(Box::new(Drain {
+            started,
+            deadline: started + budget,
+            kind,
+            cordon: if after_uncordon {
+                CordonState::AfterUncordon
+            } else {
+                CordonState::Pending(Track::in_flight())
+            },
+            cordon_warned: false,
+            others_from: started + budget / 2,
+            evictions: HashMap::new(),
+            stops: HashMap::new(),
+            not_migratable: Vec::new(),
+            inbound: HashMap::new(),
+            evacuating: BTreeSet::new(),
+        }));
+        if !after_uncordon {
+            fx.push(Effect::Cordon);
+        }
+        if self.budget_capped() {
+            fx.push(Effect::Warn {
+                reason: "DeadlineCapped",
+                note: format!(
+                    "the configured deadline of {}s is more than logind allows (InhibitDelayMaxUSec {}s minus the safety margin); draining for {}s",
+                    self.cfg.deadline_override.unwrap_or_default().as_secs(),
+                    self.delay_max.unwrap_or_default().as_secs(),
+                    budget.as_secs()
+                ),
+            });
+        }
+    }
+
+    /// Moves a drain on: sends due evictions, stops and cancels of inbound migrations, and
+    /// releases the lock when the node is empty or the deadline has come.
     ///
-    /// While the cordon is on its way, launcher pods are evicted at once and nothing else
-    /// happens: nothing puts a VM back on this node within that round trip (a migration target
-    /// never lands on its source, a restarted VMI comes only after the old one has shut down),
-    /// and every millisecond here is taken from the migrations. Other pods wait for the cordon,
-    /// or their controllers could recreate them right here; stops and the release wait too, so
-    /// the node is never left without our cordon.
+    /// While the cordon has not landed (for at most [`CORDON_GRACE`]), launcher pods are
+    /// evicted and inbound migrations cancelled, and nothing else happens: nothing puts a VM
+    /// back on this node within that round trip (a migration target never lands on its source,
+    /// a restarted VMI comes only after the old one has shut down), and every millisecond here
+    /// is taken from the migrations. Other pods wait for the cordon, or their controllers could
+    /// recreate them right here; stops and the release wait too, so the node is not left
+    /// without our cordon. Past the grace a cordon still failing holds nothing back: it is
+    /// retried with backoff and the operator is told.
     fn pump(&mut self, now: Instant, fx: &mut Vec<Effect>) {
         let Phase::Draining(d) = &self.phase else {
             return;
         };
         let plan = self.plan();
-        if d.cordon == CordonState::Pending {
-            if now >= d.deadline {
-                self.release(now, ReleaseReason::Deadline, fx);
-                return;
-            }
-            let Phase::Draining(d) = &mut self.phase else {
-                return;
-            };
-            for r in &plan.vm_pods {
-                if !d.evictions.contains_key(&r.uid) {
-                    d.evictions.insert(r.uid.clone(), Track::in_flight());
-                    fx.push(Effect::Evict(r.clone()));
-                }
-            }
+        if now >= d.deadline {
+            self.release(now, ReleaseReason::Deadline, fx);
             return;
         }
+        let held = d.cordon_holds(now);
         let vmis_left: Vec<&VmiInfo> = self
             .vmis
             .live
@@ -911,17 +1128,13 @@ impl Machine {
             .collect();
         let empty = self.vmis.synced
             && vmis_left.is_empty()
+            && plan.inbound.is_empty()
             && (self.cfg.scope == Scope::Vms
                 || (self.pods.synced && plan.other_remaining.is_empty()));
-        if empty {
+        if empty && !held {
             self.release(now, ReleaseReason::Empty, fx);
             return;
         }
-        if now >= d.deadline {
-            self.release(now, ReleaseReason::Deadline, fx);
-            return;
-        }
-
         let stop_plan: Vec<(VmiInfo, Instant)> = vmis_left
             .iter()
             .map(|v| ((*v).clone(), self.stop_by(d, v)))
@@ -935,6 +1148,41 @@ impl Machine {
         let Phase::Draining(d) = &mut self.phase else {
             return;
         };
+        if let CordonState::Pending(t) = &mut d.cordon
+            && t.due(now)
+        {
+            t.attempt = Attempt::InFlight;
+            fx.push(Effect::Cordon);
+        }
+        if !held && !matches!(d.cordon, CordonState::Settled) && !d.cordon_warned {
+            d.cordon_warned = true;
+            fx.push(Effect::Warn {
+                reason: "CordonNotConfirmed",
+                note: format!(
+                    "the node could not be cordoned within {}s; draining anyway and retrying the cordon",
+                    CORDON_GRACE.as_secs()
+                ),
+            });
+        }
+        for (r, job) in &plan.inbound {
+            let due = d.inbound.get(&r.uid).is_none_or(|t| t.due(now));
+            if due {
+                if !d.inbound.contains_key(&r.uid) {
+                    self.notes.push(Note::Inbound {
+                        pod: r.clone(),
+                        job: job.clone(),
+                    });
+                }
+                d.inbound
+                    .entry(r.uid.clone())
+                    .or_insert_with(Track::in_flight)
+                    .attempt = Attempt::InFlight;
+                fx.push(Effect::CancelMigration {
+                    pod: r.clone(),
+                    job: job.clone(),
+                });
+            }
+        }
         let mut send = |r: &PodRef, fx: &mut Vec<Effect>| {
             let due = match d.evictions.get(&r.uid) {
                 None => true,
@@ -951,6 +1199,9 @@ impl Machine {
         };
         for r in &plan.vm_pods {
             send(r, fx);
+        }
+        if held {
+            return;
         }
         if others_due {
             for r in &plan.other_pods {
@@ -1122,20 +1373,29 @@ fn departure(node: &str, v: &VmiInfo, deleted: bool, prev: Option<&VmiInfo>) -> 
     "left".into()
 }
 
-/// How long a drain may take: the override, else logind's maximum delay minus the margin (half
-/// the delay when the margin would eat it all).
+/// How long a drain may take: logind's maximum delay minus the margin, but never less than half
+/// the delay (so the budget grows with the delay, and a short delay still gets a drain attempt);
+/// the override instead when it is shorter.
 pub fn drain_budget(
     delay_max: Option<Duration>,
     margin: Duration,
     deadline_override: Option<Duration>,
 ) -> Duration {
-    if let Some(d) = deadline_override {
-        return d;
-    }
-    let delay = delay_max.unwrap_or(LOGIND_DEFAULT_DELAY);
-    match delay.checked_sub(margin) {
-        Some(b) if !b.is_zero() => b,
-        _ => delay / 2,
+    budget_of(delay_max, margin, deadline_override).0
+}
+
+/// The budget, and whether the override had to be cut down to what logind allows. Without a
+/// known delay (the `drain` command) the override stands as it is.
+pub fn budget_of(
+    delay_max: Option<Duration>,
+    margin: Duration,
+    deadline_override: Option<Duration>,
+) -> (Duration, bool) {
+    let natural = |d: Duration| d.saturating_sub(margin).max(d / 2);
+    match (deadline_override, delay_max) {
+        (Some(o), Some(d)) if o > natural(d) => (natural(d), true),
+        (Some(o), _) => (o, false),
+        (None, d) => (natural(d.unwrap_or(LOGIND_DEFAULT_DELAY)), false),
     }
 }
 

@@ -337,7 +337,8 @@ fn long_grace_is_shortened_to_fit_and_never_before_half_the_budget() {
 #[test]
 fn not_migratable_vmi_stopped_at_once_and_failed_stop_retried() {
     let mut b = Bed::new(Scope::Vms);
-    let a = vmi("a", NODE);
+    let mut a = vmi("a", NODE);
+    a.live_migratable = Some(false);
     let mut pa = launcher(&a, NODE);
     pa.grace_seconds = 10;
     b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
@@ -729,4 +730,427 @@ fn the_record_of_a_drain_counts_the_departure_that_ended_it() {
             .iter()
             .any(|n| matches!(n, Note::VmiLeft { vmi, left: 0, .. } if vmi.name == "c"))
     );
+}
+
+#[test]
+fn the_budget_grows_with_loginds_delay_and_a_longer_deadline_is_capped_to_it() {
+    let s = Duration::from_secs;
+    for margin in [s(0), s(1), s(5), s(30)] {
+        let mut last = Duration::ZERO;
+        for delay_ms in (0..=700_000u64).step_by(250) {
+            let b = drain_budget(Some(Duration::from_millis(delay_ms)), margin, None);
+            assert!(
+                b >= last,
+                "delay {delay_ms} ms, margin {margin:?}: {b:?} < {last:?}"
+            );
+            assert!(b <= Duration::from_millis(delay_ms));
+            last = b;
+        }
+    }
+    // Today's sharp edge: 5 s gave 2.5 s and 6 s gave 1 s.
+    assert_eq!(
+        drain_budget(Some(s(5)), s(5), None),
+        Duration::from_millis(2500)
+    );
+    assert_eq!(drain_budget(Some(s(6)), s(5), None), s(3));
+    // An override beyond what logind allows is cut down and says so; a shorter one stands.
+    assert_eq!(budget_of(Some(s(60)), s(5), Some(s(90))), (s(55), true));
+    assert_eq!(budget_of(Some(s(60)), s(5), Some(s(30))), (s(30), false));
+    // The drain command has no logind: its timeout stands.
+    assert_eq!(budget_of(None, s(0), Some(s(3600))), (s(3600), false));
+}
+
+#[test]
+fn a_deadline_beyond_logind_is_capped_with_a_warning() {
+    let mut m = Machine::new(MachineConfig {
+        node: NODE.into(),
+        scope: Scope::Vms,
+        safety_margin: Duration::from_secs(5),
+        deadline_override: Some(Duration::from_secs(600)),
+    });
+    let t0 = Instant::now();
+    m.handle(
+        t0,
+        Input::LockTaken {
+            delay_max: Duration::from_secs(60),
+        },
+    );
+    let fx = m.handle(
+        t0,
+        Input::Shutdown {
+            start: true,
+            kind: None,
+        },
+    );
+    assert!(fx.iter().any(|e| matches!(
+        e,
+        Effect::Warn {
+            reason: "DeadlineCapped",
+            ..
+        }
+    )));
+    let Phase::Draining(d) = m.phase() else {
+        panic!()
+    };
+    assert_eq!(d.deadline - d.started, Duration::from_secs(55));
+}
+
+#[test]
+fn logind_delay_read_at_the_shutdown_sets_the_deadline() {
+    let mut b = Bed::new(Scope::Vms);
+    b.list(&[vmi("a", NODE)], &[]);
+    // logind was reloaded with a shorter delay after the lock was taken.
+    b.feed(0, Input::DelayMax(Duration::from_secs(12)));
+    b.start(0);
+    let Phase::Draining(d) = b.m.phase() else {
+        panic!()
+    };
+    assert_eq!(d.deadline, b.at(7_000));
+}
+
+#[test]
+fn a_booting_vmi_is_asked_again_and_migrates_once_it_runs() {
+    let mut b = Bed::new(Scope::Vms);
+    let mut a = vmi("a", NODE);
+    a.live_migratable = None;
+    a.phase = Some("Scheduled".into());
+    let pa = launcher(&a, NODE);
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    b.start(0);
+    let fx = b.feed(
+        5,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::NotMigratable,
+        },
+    );
+    assert!(stops(&fx).is_empty(), "a booting VM is not stopped: {fx:?}");
+    assert_eq!(
+        b.m.eviction_states().get(&pa.uid).copied(),
+        Some(EvictionState::Retrying)
+    );
+    // It runs and reports itself migratable; the retried eviction starts its evacuation.
+    let mut running = a.clone();
+    running.phase = Some("Running".into());
+    running.live_migratable = Some(true);
+    b.feed(50, Input::Vmis(WatchUpdate::Applied(running)));
+    assert_eq!(
+        evicts(&b.feed(105, Input::Tick)),
+        vec!["virt-launcher-a-abcde"]
+    );
+    let fx = b.feed(
+        110,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::Evacuating,
+        },
+    );
+    assert!(stops(&fx).is_empty());
+    // Its stop-by point is the same as any other VMI's: only there is it stopped.
+    assert!(stops(&b.feed(12_499, Input::Tick)).is_empty());
+}
+
+#[test]
+fn a_migration_into_the_node_is_cancelled_and_the_lock_waits_for_it() {
+    let mut b = Bed::new(Scope::Vms);
+    let incoming = vmi("in", "node-2");
+    let target = target_pod(&incoming, NODE);
+    b.list(
+        std::slice::from_ref(&incoming),
+        std::slice::from_ref(&target),
+    );
+    let fx = b.start(0);
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::CancelMigration { pod, job }
+            if pod.uid == target.uid && job.name.as_deref() == Some("vmim-in"))),
+        "{fx:?}"
+    );
+    assert!(released(&fx).is_none(), "a VM is being handed to this node");
+    // Cancelling failed: asked again after the backoff.
+    b.feed(
+        10,
+        Input::MigrationCancelled {
+            pod_uid: target.uid.clone(),
+            result: Err("503".into()),
+        },
+    );
+    let fx = b.feed(110, Input::Tick);
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::CancelMigration { .. }))
+    );
+    b.feed(
+        120,
+        Input::MigrationCancelled {
+            pod_uid: target.uid.clone(),
+            result: Ok(()),
+        },
+    );
+    assert!(released(&b.feed(130, Input::Tick)).is_none());
+    // KubeVirt tears the target down: the node is empty.
+    let fx = b.feed(500, Input::Pods(WatchUpdate::Deleted(target)));
+    assert_eq!(released(&fx), Some((ReleaseReason::Empty, vec![])));
+}
+
+#[test]
+fn a_migration_that_completes_into_the_node_is_then_evicted() {
+    let mut b = Bed::new(Scope::Vms);
+    let incoming = vmi("in", "node-2");
+    let target = target_pod(&incoming, NODE);
+    b.list(
+        std::slice::from_ref(&incoming),
+        std::slice::from_ref(&target),
+    );
+    b.start(0);
+    // Too late to cancel: the VM arrives.
+    let mut arrived = migrated(incoming, NODE);
+    arrived.node_name = Some(NODE.into());
+    arrived.label_node = Some(NODE.into());
+    arrived.migration = None;
+    let fx = b.feed(300, Input::Vmis(WatchUpdate::Applied(arrived)));
+    assert_eq!(evicts(&fx), vec!["virt-launcher-in-target"]);
+}
+
+#[test]
+fn wakeups_are_never_in_the_past() {
+    // Scope all with a pod a PDB refuses for ever, a VMI whose launcher pod is gone past its
+    // stop-by point, an eviction retry of a pod that left: nothing may make the loop spin.
+    let mut b = Bed::new(Scope::All);
+    let a = vmi("a", NODE);
+    let lost = vmi("lost", NODE);
+    let pa = launcher(&a, NODE);
+    let blocked = pod("blocked", NODE);
+    b.list(&[a.clone(), lost], &[pa.clone(), blocked.clone()]);
+    b.start(0);
+    b.feed(
+        1,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::Retry("503".into()),
+        },
+    );
+    b.feed(2, Input::Pods(WatchUpdate::Deleted(pa)));
+    let mut now = 2;
+    let mut wakeups = 0;
+    while let Some(next) = b.m.next_wakeup() {
+        assert!(next > b.at(now), "wake-up at {next:?} not after {now} ms");
+        now = next.duration_since(b.t0).as_millis() as u64;
+        wakeups += 1;
+        assert!(
+            wakeups < 100,
+            "the loop spins: {wakeups} wake-ups by {now} ms"
+        );
+        for e in b.feed(now, Input::Tick) {
+            if let Effect::Evict(p) = e {
+                b.feed(
+                    now,
+                    Input::Evicted {
+                        pod: p,
+                        outcome: EvictionOutcome::Retry(
+                            "429: Cannot evict pod as it would violate the pod's disruption budget."
+                                .into(),
+                        ),
+                    },
+                );
+            }
+        }
+    }
+    assert_eq!(now, 25_000, "the deadline ends it");
+    assert!(wakeups < 30, "{wakeups} wake-ups in a 25 s drain");
+}
+
+#[test]
+fn a_failing_cordon_is_retried_and_holds_nothing_back_past_its_grace() {
+    let mut b = Bed::new(Scope::Vms);
+    let mut a = vmi("a", NODE);
+    a.live_migratable = Some(false);
+    let pa = launcher(&a, NODE);
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    let fx = b.feed(
+        0,
+        Input::Shutdown {
+            start: true,
+            kind: None,
+        },
+    );
+    assert_eq!(
+        evicts(&fx),
+        vec!["virt-launcher-a-abcde"],
+        "launchers go with the cordon"
+    );
+    b.feed(
+        3,
+        Input::Cordoned(CordonResult::Failed("connection refused".into())),
+    );
+    let fx = b.feed(
+        5,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::NotMigratable,
+        },
+    );
+    assert!(
+        stops(&fx).is_empty(),
+        "within the grace the stop waits for the cordon"
+    );
+    assert_eq!(
+        b.feed(103, Input::Tick),
+        vec![Effect::Cordon],
+        "retried after 100 ms"
+    );
+    b.feed(110, Input::Cordoned(CordonResult::Failed("timeout".into())));
+    let fx = b.feed(2_000, Input::Tick);
+    assert!(fx.contains(&Effect::Cordon), "{fx:?}");
+    assert_eq!(stops(&fx).len(), 1, "past the grace the stop goes: {fx:?}");
+    assert!(fx.iter().any(|e| matches!(
+        e,
+        Effect::Warn {
+            reason: "CordonNotConfirmed",
+            ..
+        }
+    )));
+    let fx = b.feed(
+        2_100,
+        Input::Cordoned(CordonResult::Failed("timeout".into())),
+    );
+    assert!(
+        !fx.iter().any(|e| matches!(e, Effect::Warn { .. })),
+        "told once"
+    );
+    let mut gone = a.clone();
+    gone.phase = Some("Succeeded".into());
+    let fx = b.feed(3_000, Input::Vmis(WatchUpdate::Applied(gone)));
+    assert_eq!(
+        released(&fx),
+        Some((ReleaseReason::Empty, vec![])),
+        "the cordon does not hold the release"
+    );
+}
+
+#[test]
+fn a_shutdown_right_after_a_cancel_cordons_only_once_the_uncordon_landed() {
+    let mut b = Bed::new(Scope::Vms);
+    let a = vmi("a", NODE);
+    b.list(std::slice::from_ref(&a), &[launcher(&a, NODE)]);
+    b.start(0);
+    let fx = b.feed(
+        100,
+        Input::Shutdown {
+            start: false,
+            kind: None,
+        },
+    );
+    assert_eq!(fx, vec![Effect::Uncordon]);
+    let fx = b.feed(
+        110,
+        Input::Shutdown {
+            start: true,
+            kind: None,
+        },
+    );
+    assert!(
+        !fx.contains(&Effect::Cordon),
+        "the uncordon may still land: {fx:?}"
+    );
+    assert_eq!(evicts(&fx), vec!["virt-launcher-a-abcde"]);
+    let fx = b.feed(120, Input::Uncordoned(Ok(())));
+    assert_eq!(fx, vec![Effect::Cordon]);
+    assert!(!b.m.cordoned_by_us());
+    b.feed(130, Input::Cordoned(CordonResult::CordonedByUs));
+    assert!(b.m.cordoned_by_us());
+}
+
+#[test]
+fn a_failed_uncordon_is_retried_until_it_lands() {
+    let mut b = Bed::new(Scope::Vms);
+    b.list(&[vmi("a", NODE)], &[]);
+    b.start(0);
+    assert_eq!(
+        b.feed(
+            10,
+            Input::Shutdown {
+                start: false,
+                kind: None
+            }
+        ),
+        vec![Effect::Uncordon]
+    );
+    b.feed(20, Input::Uncordoned(Err("503".into())));
+    assert_eq!(b.m.next_wakeup(), Some(b.at(120)));
+    assert_eq!(b.feed(120, Input::Tick), vec![Effect::Uncordon]);
+    b.feed(130, Input::Uncordoned(Ok(())));
+    assert_eq!(b.m.next_wakeup(), None);
+    assert!(!b.m.cordoned_by_us());
+}
+
+#[test]
+fn a_cancel_stops_the_evacuations_the_drain_started() {
+    let mut b = Bed::new(Scope::Vms);
+    let (a, c) = (vmi("a", NODE), vmi("c", NODE));
+    let (pa, pc) = (launcher(&a, NODE), launcher(&c, NODE));
+    b.list(&[a, c], &[pa.clone(), pc.clone()]);
+    b.start(0);
+    b.feed(
+        5,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::Evacuating,
+        },
+    );
+    b.feed(
+        5,
+        Input::Evicted {
+            pod: pc.pod_ref(),
+            outcome: EvictionOutcome::Retry("x".into()),
+        },
+    );
+    let fx = b.feed(
+        50,
+        Input::Shutdown {
+            start: false,
+            kind: None,
+        },
+    );
+    assert_eq!(
+        fx,
+        vec![
+            Effect::Uncordon,
+            Effect::CancelEvacuation {
+                vmi: ObjKey::new("default", "a")
+            }
+        ]
+    );
+}
+
+#[test]
+fn a_resumed_drain_keeps_its_deadline() {
+    let mut b = Bed::new(Scope::Vms);
+    b.list(&[vmi("a", NODE)], &[]);
+    let fx = b.feed(
+        10_000,
+        Input::Resume {
+            kind: Some("poweroff".into()),
+            elapsed: Duration::from_secs(4),
+        },
+    );
+    assert_eq!(fx.first(), Some(&Effect::Cordon));
+    let Phase::Draining(d) = b.m.phase() else {
+        panic!()
+    };
+    assert_eq!(d.started, b.at(6_000));
+    assert_eq!(d.deadline, b.at(31_000));
+}
+
+#[test]
+fn hotplug_pods_are_not_evicted_while_their_vm_runs() {
+    let mut b = Bed::new(Scope::All);
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    let hp = hotplug(&pa);
+    b.list(std::slice::from_ref(&a), &[pa.clone(), hp]);
+    let fx = b.start(0);
+    assert_eq!(evicts(&fx), vec!["virt-launcher-a-abcde"]);
+    let fx = b.feed(12_500, Input::Tick);
+    assert!(evicts(&fx).is_empty(), "{fx:?}");
 }

@@ -5,6 +5,7 @@
 
 pub mod eviction;
 pub mod fate;
+pub mod keeper;
 pub mod machine;
 pub mod model;
 pub mod plan;

@@ -11,6 +11,11 @@ pub const LAUNCHER_APP_VALUE: &str = "virt-launcher";
 pub const CREATED_BY_LABEL: &str = "kubevirt.io/created-by";
 pub const DOMAIN_ANNOTATION: &str = "kubevirt.io/domain";
 pub const VMI_NODE_LABEL: &str = "kubevirt.io/nodeName";
+/// On a migration's target launcher pod: the VirtualMachineInstanceMigration's UID and name.
+pub const MIGRATION_JOB_LABEL: &str = "kubevirt.io/migrationJobUID";
+pub const MIGRATION_JOB_ANNOTATION: &str = "kubevirt.io/migrationJobName";
+/// `kubevirt.io=hotplug-disk`: a hotplugged volume's attachment pod, owned by the launcher pod.
+pub const HOTPLUG_APP_VALUE: &str = "hotplug-disk";
 /// The kubelet marks static pods' API mirrors with this annotation.
 pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 /// Kubernetes' default `terminationGracePeriodSeconds`.
@@ -104,6 +109,9 @@ pub struct VmiInfo {
     pub label_node: Option<String>,
     pub migration: Option<MigrationState>,
     pub evacuation_node: Option<String>,
+    /// The `LiveMigratable` condition; `None` while virt-handler has not reported it (a VMI
+    /// still booting).
+    pub live_migratable: Option<bool>,
 }
 
 impl VmiInfo {
@@ -148,6 +156,19 @@ pub struct PodInfo {
     pub grace_seconds: u32,
     /// `metadata.deletionTimestamp` is set.
     pub terminating: bool,
+    /// A migration target pod: the migration's UID and name.
+    pub migration_job: Option<MigrationJob>,
+    /// A hotplugged volume's attachment pod.
+    pub is_hotplug: bool,
+    /// UID of the controlling owner when it is a Pod (a hotplug pod's launcher).
+    pub owner_pod: Option<String>,
+}
+
+/// The migration a target launcher pod was created for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MigrationJob {
+    pub uid: String,
+    pub name: Option<String>,
 }
 
 impl PodInfo {
@@ -177,6 +198,7 @@ pub mod fixtures {
             label_node: Some(node.into()),
             migration: None,
             evacuation_node: None,
+            live_migratable: Some(true),
         }
     }
 
@@ -196,6 +218,9 @@ pub mod fixtures {
             is_mirror: false,
             grace_seconds: 60,
             terminating: false,
+            migration_job: None,
+            is_hotplug: false,
+            owner_pod: None,
         }
     }
 
@@ -212,11 +237,38 @@ pub mod fixtures {
             is_mirror: false,
             grace_seconds: 30,
             terminating: false,
+            migration_job: None,
+            is_hotplug: false,
+            owner_pod: None,
         }
     }
 
     pub fn owned_by(mut p: PodInfo, kind: &str) -> PodInfo {
         p.controller_kind = Some(kind.into());
+        p
+    }
+
+    /// The target pod on `node` of a migration of `vmi` (which runs elsewhere) into it.
+    pub fn target_pod(vmi: &VmiInfo, node: &str) -> PodInfo {
+        let mut p = launcher(vmi, node);
+        p.uid = format!("uid-target-{}", vmi.key.name);
+        p.key.name = format!("virt-launcher-{}-target", vmi.key.name);
+        p.migration_job = Some(MigrationJob {
+            uid: format!("uid-vmim-{}", vmi.key.name),
+            name: Some(format!("vmim-{}", vmi.key.name)),
+        });
+        p
+    }
+
+    /// A hotplug attachment pod of `launcher`.
+    pub fn hotplug(launcher: &PodInfo) -> PodInfo {
+        let mut p = pod(
+            &format!("hp-volume-{}", launcher.key.name),
+            launcher.node_name.as_deref().unwrap_or(""),
+        );
+        p.is_hotplug = true;
+        p.controller_kind = Some("Pod".into());
+        p.owner_pod = Some(launcher.uid.clone());
         p
     }
 

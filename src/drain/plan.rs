@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::model::{PodInfo, PodRef, Scope, VmiInfo};
+use super::model::{MigrationJob, PodInfo, PodRef, Scope, VmiInfo};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SkipReason {
@@ -21,6 +21,8 @@ pub enum SkipReason {
     /// A launcher pod whose VMI does not run on this node (a migration target, or a source pod
     /// finishing after its VMI moved away).
     NotOurVmi,
+    /// A hotplugged volume's attachment pod: it goes with its VM's launcher pod.
+    Hotplug,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,6 +34,9 @@ pub struct Plan {
     /// Non-VM pods the node must be rid of before it counts as empty (scope `all`): those to
     /// evict plus those already terminating.
     pub other_remaining: Vec<PodRef>,
+    /// Target pods of migrations into this node, still under way: the node is not empty while
+    /// a VM is being handed to it.
+    pub inbound: Vec<(PodRef, MigrationJob)>,
     pub skipped: Vec<(PodRef, SkipReason)>,
 }
 
@@ -45,6 +50,11 @@ pub fn plan<'a>(
     let mut sorted: Vec<&PodInfo> = pods
         .into_iter()
         .filter(|p| p.node_name.as_deref() == Some(node))
+        .collect();
+    let launchers: HashMap<&String, &PodInfo> = sorted
+        .iter()
+        .filter(|p| p.is_launcher)
+        .map(|p| (&p.uid, *p))
         .collect();
     sorted.sort_by(|a, b| a.key.cmp(&b.key));
     for p in sorted {
@@ -66,6 +76,9 @@ pub fn plan<'a>(
                 })
                 .is_some_and(|v| v.runs_on(node));
             if !ours {
+                if let Some(job) = p.migration_job.clone().filter(|_| !p.terminating) {
+                    out.inbound.push((r.clone(), job));
+                }
                 out.skipped.push((r, SkipReason::NotOurVmi));
             } else if p.terminating {
                 // An evicted None-strategy VM's pod: its VMI is followed, nothing to re-send.
@@ -75,8 +88,15 @@ pub fn plan<'a>(
             }
             continue;
         }
+        let launcher_alive = |uid: &String| {
+            launchers
+                .get(uid)
+                .is_some_and(|l| !l.is_finished() && l.node_name.as_deref() == Some(node))
+        };
         if scope == Scope::Vms {
             out.skipped.push((r, SkipReason::OutOfScope));
+        } else if p.is_hotplug && p.owner_pod.as_ref().is_some_and(launcher_alive) {
+            out.skipped.push((r, SkipReason::Hotplug));
         } else if p.controller_kind.as_deref() == Some("DaemonSet") {
             out.skipped.push((r, SkipReason::DaemonSet));
         } else if p.is_mirror {
@@ -180,6 +200,49 @@ mod tests {
         let pods = vec![launcher(&a, NODE)];
         let p = plan(NODE, Scope::Vms, &pods, &vmi_map(&[a]));
         assert!(p.vm_pods.is_empty());
+    }
+
+    #[test]
+    fn a_migration_into_the_node_is_inbound_a_source_pod_left_behind_is_not() {
+        let here = vmi("a", NODE);
+        let elsewhere = vmi("b", "node-2");
+        let mut finished_source = launcher(&vmi("c", "node-3"), NODE);
+        finished_source.terminating = true;
+        let pods = vec![
+            launcher(&here, NODE),
+            target_pod(&elsewhere, NODE),
+            finished_source,
+        ];
+        let p = plan(NODE, Scope::Vms, &pods, &vmi_map(&[here, elsewhere]));
+        assert_eq!(p.inbound.len(), 1);
+        assert_eq!(p.inbound[0].0.key.name, "virt-launcher-b-target");
+        assert_eq!(p.inbound[0].1.name.as_deref(), Some("vmim-b"));
+        assert_eq!(names(&p.vm_pods), vec!["virt-launcher-a-abcde"]);
+    }
+
+    #[test]
+    fn hotplug_pods_stay_while_their_vm_runs() {
+        let a = vmi("a", NODE);
+        let l = launcher(&a, NODE);
+        let hp = hotplug(&l);
+        let p = plan(
+            NODE,
+            Scope::All,
+            &[l.clone(), hp.clone()],
+            &vmi_map(std::slice::from_ref(&a)),
+        );
+        assert!(p.other_pods.is_empty());
+        assert!(
+            p.skipped
+                .iter()
+                .any(|(r, s)| r.uid == hp.uid && *s == SkipReason::Hotplug)
+        );
+        // Its launcher gone: an ordinary pod to evict.
+        let p = plan(NODE, Scope::All, &[hp], &vmi_map(&[a]));
+        assert_eq!(
+            names(&p.other_pods),
+            vec!["hp-volume-virt-launcher-a-abcde"]
+        );
     }
 
     #[test]

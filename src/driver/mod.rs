@@ -27,7 +27,7 @@ use crate::drain::machine::{
 };
 use crate::drain::model::ObjKey;
 use crate::kube::cordon::{self, CordonMark};
-use crate::kube::{pods, watch};
+use crate::kube::{kubevirt, pods, watch};
 
 #[cfg(test)]
 mod tests;
@@ -310,6 +310,38 @@ impl<R: Reporter> Driver<R> {
                     let _ = tx.send(Input::Stopped { vmi_uid, result });
                 });
             }
+            Effect::CancelMigration { pod, job } => {
+                info!(
+                    node = %node,
+                    pod = %pod.key,
+                    migration = job.name.as_deref().unwrap_or(&job.uid),
+                    "cancelling a migration into this node"
+                );
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    let result = kubevirt::cancel_migration(client, &pod.key.namespace, &job).await;
+                    let _ = tx.send(Input::MigrationCancelled {
+                        pod_uid: pod.uid,
+                        result,
+                    });
+                });
+            }
+            Effect::CancelEvacuation { vmi } => {
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    match kubevirt::cancel_evacuation(client, &vmi).await {
+                        Ok(true) => info!(node = %node, vmi = %vmi, "evacuation cancelled"),
+                        Ok(false) => info!(
+                            node = %node,
+                            vmi = %vmi,
+                            "KubeVirt has no evacuate/cancel here (before 1.7) or the VMI is gone; its migration goes on"
+                        ),
+                        Err(e) => {
+                            warn!(node = %node, vmi = %vmi, error = %e, "cancelling the evacuation failed")
+                        }
+                    }
+                });
+            }
             Effect::TakeLock => {
                 info!(node = %node, "taking a new lock");
                 self.gate.retake();
@@ -410,6 +442,23 @@ fn log_notes(node: &str, notes: &[Note]) {
             Note::StopFailed { vmi, error } => {
                 warn!(node = %node, vmi = %vmi, error = %error, "stop failed; retrying")
             }
+            Note::Inbound { pod, job } => info!(
+                node = %node,
+                pod = %pod.key,
+                migration = job.name.as_deref().unwrap_or(&job.uid),
+                "migration into this node under way"
+            ),
+            Note::MigrationCancelled { pod, result } => match result {
+                Ok(()) => info!(node = %node, pod = %pod.key, "inbound migration cancelled"),
+                Err(e) => {
+                    warn!(node = %node, pod = %pod.key, error = %e, "cancelling the inbound migration failed; retrying")
+                }
+            },
+            Note::NotMigratableYet { pod } => info!(
+                node = %node,
+                pod = %pod.key,
+                "KubeVirt says not live-migratable but the VMI has not reported it yet (booting); asking again"
+            ),
             _ => {}
         }
     }

@@ -372,10 +372,12 @@ async fn a_vmi_kubevirt_will_not_migrate_is_stopped_at_once_with_its_grace_perio
             "admission webhook \"virt-launcher-eviction-interceptor.kubevirt.io\" denied the request: VMI stuck is configured with an eviction strategy but is not live-migratable".into(),
         )]),
     );
+    let mut stuck = vmi("stuck");
+    stuck["status"]["conditions"] = json!([{"type": "LiveMigratable", "status": "False"}]);
     let state: Shared = Arc::new(Mutex::new(State {
         node: node(),
         pods: vec![launcher("stuck", 45)],
-        vmis: vec![vmi("stuck")],
+        vmis: vec![stuck.clone()],
         evictions,
         ..Default::default()
     }));
@@ -389,7 +391,7 @@ async fn a_vmi_kubevirt_will_not_migrate_is_stopped_at_once_with_its_grace_perio
     );
     assert_eq!(deleted[0].body["gracePeriodSeconds"], 45);
     assert_eq!(deleted[0].body["preconditions"]["uid"], "pod-stuck");
-    let mut stopped = vmi("stuck");
+    let mut stopped = stuck;
     stopped["status"]["phase"] = json!("Succeeded");
     vmi_event(&state, "MODIFIED", stopped);
     let (outcome, _) = run.await.unwrap().unwrap();

@@ -79,11 +79,26 @@ pub enum LogindEvent {
     LockLost {
         why: String,
     },
+    /// logind refuses the lock because a shutdown is already being delayed (`method_inhibit`:
+    /// a delayed action for `shutdown` is pending). Asked again every second until it passes.
+    Refused {
+        delay_max: Duration,
+        preparing: bool,
+    },
+    /// `PrepareForShutdown(start)`; with `start`, `InhibitDelayMaxUSec` read again right then,
+    /// since a reload after the lock was taken may have changed logind's real cut.
     Shutdown {
         start: bool,
         kind: Option<String>,
+        delay_max: Option<Duration>,
     },
+    /// `PreparingForShutdown`, as asked with [`LockControl::ask_preparing`].
+    Preparing(bool),
 }
+
+/// logind's answer to `Inhibit` while the shutdown it would hold is already delayed.
+const OPERATION_IN_PROGRESS: &str = "org.freedesktop.login1.OperationInProgress";
+const REFUSED_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogindError {
@@ -117,6 +132,7 @@ async fn bounded<T, E: Into<LogindError>>(
 pub struct LockControl {
     fd: Arc<Mutex<Option<OwnedFd>>>,
     want: Arc<AtomicBool>,
+    ask: Arc<AtomicBool>,
     wake: Arc<Notify>,
 }
 
@@ -138,6 +154,12 @@ impl LockControl {
     /// Asks for a new lock (after a cancelled shutdown).
     pub fn take(&self) {
         self.want.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Asks logind's `PreparingForShutdown`; the answer comes as [`LogindEvent::Preparing`].
+    pub fn ask_preparing(&self) {
+        self.ask.store(true, Ordering::SeqCst);
         self.wake.notify_one();
     }
 
@@ -291,10 +313,17 @@ async fn session(
         }
     }
 
+    let mut retry_at: Option<tokio::time::Instant> = None;
     if ctl.wanted() && !ctl.held() {
-        take(node, &proxy, ctl, events).await?;
+        retry_at = take(node, &proxy, ctl, events).await?;
     }
     loop {
+        let retry = async {
+            match retry_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             _ = conn.closed() => {
@@ -318,42 +347,81 @@ async fn session(
                 let Some(s) = s else { return Ok(Ended::BusClosed) };
                 let args = s.args()?;
                 let kind = args.metadata().get("type").and_then(|v| String::try_from(v.clone()).ok());
-                if events.send(LogindEvent::Shutdown { start: *args.start(), kind }).is_err() {
+                let start = *args.start();
+                let delay_max = if start { delay_now(&proxy).await } else { None };
+                if events.send(LogindEvent::Shutdown { start, kind, delay_max }).is_err() {
                     return Ok(Ended::Receiver);
                 }
             }
             s = plain.next() => {
                 let Some(s) = s else { return Ok(Ended::BusClosed) };
                 let start = *s.args()?.start();
-                if events.send(LogindEvent::Shutdown { start, kind: None }).is_err() {
+                let delay_max = if start { delay_now(&proxy).await } else { None };
+                if events.send(LogindEvent::Shutdown { start, kind: None, delay_max }).is_err() {
                     return Ok(Ended::Receiver);
                 }
             }
-            _ = ctl.wake.notified() => {
+            _ = retry => {
+                retry_at = None;
                 if ctl.wanted() && !ctl.held() {
-                    take(node, &proxy, ctl, events).await?;
+                    retry_at = take(node, &proxy, ctl, events).await?;
+                }
+            }
+            _ = ctl.wake.notified() => {
+                if ctl.ask.swap(false, Ordering::SeqCst) {
+                    let preparing = bounded("PreparingForShutdown", proxy.preparing_for_shutdown()).await?;
+                    let _ = events.send(LogindEvent::Preparing(preparing));
+                }
+                if ctl.wanted() && !ctl.held() && retry_at.is_none() {
+                    retry_at = take(node, &proxy, ctl, events).await?;
                 }
             }
         }
     }
 }
 
+/// `InhibitDelayMaxUSec` now, or `None` when logind does not answer in time.
+async fn delay_now(proxy: &ManagerProxy<'_>) -> Option<Duration> {
+    bounded("InhibitDelayMaxUSec", proxy.inhibit_delay_max_usec())
+        .await
+        .ok()
+        .map(Duration::from_micros)
+}
+
+/// Takes the lock. While logind refuses it because a shutdown is already being delayed, says so
+/// and returns when to ask again.
 async fn take(
     node: &str,
     proxy: &ManagerProxy<'_>,
     ctl: &LockControl,
     events: &mpsc::UnboundedSender<LogindEvent>,
-) -> Result<(), LogindError> {
+) -> Result<Option<tokio::time::Instant>, LogindError> {
     let why = why(node);
-    let fd: OwnedFd = bounded("Inhibit", proxy.inhibit("shutdown", WHO, &why, "delay"))
-        .await?
-        .into();
+    let fd: OwnedFd = match bounded("Inhibit", proxy.inhibit("shutdown", WHO, &why, "delay")).await
+    {
+        Ok(fd) => fd.into(),
+        Err(LogindError::Bus(zbus::Error::MethodError(name, msg, _)))
+            if name.as_str() == OPERATION_IN_PROGRESS =>
+        {
+            let delay_max = delay_now(proxy).await.unwrap_or_default();
+            let preparing = bounded("PreparingForShutdown", proxy.preparing_for_shutdown())
+                .await
+                .unwrap_or(true);
+            debug!(node = %node, message = msg.as_deref().unwrap_or(""), "logind refuses a lock while a shutdown is delayed");
+            let _ = events.send(LogindEvent::Refused {
+                delay_max,
+                preparing,
+            });
+            return Ok(Some(tokio::time::Instant::now() + REFUSED_RETRY));
+        }
+        Err(e) => return Err(e),
+    };
     let delay_usec = bounded("InhibitDelayMaxUSec", proxy.inhibit_delay_max_usec()).await?;
     let preparing = bounded("PreparingForShutdown", proxy.preparing_for_shutdown())
         .await
         .unwrap_or(false);
     if !ctl.store(fd) {
-        return Ok(());
+        return Ok(None);
     }
     let delay_max = Duration::from_micros(delay_usec);
     info!(
@@ -369,7 +437,7 @@ async fn take(
         delay_max,
         preparing,
     });
-    Ok(())
+    Ok(None)
 }
 
 /// Makes logind re-read its configuration (SIGHUP through systemd, as kubelet does) and waits,

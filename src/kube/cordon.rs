@@ -19,6 +19,23 @@ pub const DRAIN_ANNOTATION: &str = "shutdown-guard.kubevirt.io/drain-cordoned-at
 
 /// Conflicts tolerated before giving up (each is another writer's update in between).
 const CONFLICT_TRIES: usize = 5;
+/// Each read and write of the Node gets this long; the caller retries.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn timed_out() -> kube::Error {
+    kube::Error::Api(Box::new(
+        kube::core::Status::failure(&format!("no answer within {CALL_TIMEOUT:?}"), "Timeout")
+            .with_code(504),
+    ))
+}
+
+async fn bounded<T>(
+    f: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, kube::Error> {
+    tokio::time::timeout(CALL_TIMEOUT, f)
+        .await
+        .unwrap_or_else(|_| Err(timed_out()))
+}
 
 /// How a cordon is marked as ours: the annotation and its value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,7 +91,7 @@ pub fn state(n: &Node) -> NodeState {
 }
 
 pub async fn get(api: &Api<Node>, name: &str) -> Result<NodeState, kube::Error> {
-    Ok(state(&api.get(name).await?))
+    Ok(state(&bounded(api.get(name)).await?))
 }
 
 /// What to do with the Node as read: stop with an answer, or apply a merge patch (guarded by
@@ -93,16 +110,13 @@ pub async fn update<T>(
     decide: impl Fn(&Node) -> Change<T>,
 ) -> Result<T, kube::Error> {
     for _ in 0..CONFLICT_TRIES {
-        let node = api.get(name).await?;
+        let node = bounded(api.get(name)).await?;
         let (mut patch, answer) = match decide(&node) {
             Change::Done(t) => return Ok(t),
             Change::Patch(p, t) => (p, t),
         };
         patch["metadata"]["resourceVersion"] = json!(node.metadata.resource_version);
-        match api
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
+        match bounded(api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))).await {
             Ok(_) => return Ok(answer),
             Err(kube::Error::Api(s)) if s.code == 409 => continue,
             Err(e) => return Err(e),

@@ -117,6 +117,7 @@ pub struct Reports {
 
 /// Tries per report: a condition or Event is worth a retry, not a stuck queue.
 const REPORT_TRIES: u32 = 3;
+const REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Reports {
     pub fn spawn(client: Client, node: &str, events: NodeEvents) -> Self {
@@ -126,41 +127,51 @@ impl Reports {
         tokio::spawn(async move {
             while let Some(r) = rx.recv().await {
                 for attempt in 1..=REPORT_TRIES {
-                    let res = match &r {
-                        Report::NodeEvent {
-                            warning,
-                            reason,
-                            action,
-                            note,
-                        } => events.publish(*warning, reason, action, note.clone()).await,
-                        Report::VmiEvent {
-                            vmi,
-                            uid,
-                            warning,
-                            reason,
-                            action,
-                            note,
-                        } => {
-                            events
-                                .publish_on(
-                                    &vmi_ref(vmi, uid),
-                                    *warning,
-                                    reason,
-                                    action,
-                                    note.clone(),
-                                )
-                                .await
-                        }
-                        Report::Condition { state, message } => {
-                            condition::set(&nodes, &node, *state, message).await
-                        }
-                        Report::LastShutdown(l) => {
-                            condition::record_shutdown(&nodes, &node, l).await
+                    let call = async {
+                        match &r {
+                            Report::NodeEvent {
+                                warning,
+                                reason,
+                                action,
+                                note,
+                            } => events.publish(*warning, reason, action, note.clone()).await,
+                            Report::VmiEvent {
+                                vmi,
+                                uid,
+                                warning,
+                                reason,
+                                action,
+                                note,
+                            } => {
+                                events
+                                    .publish_on(
+                                        &vmi_ref(vmi, uid),
+                                        *warning,
+                                        reason,
+                                        action,
+                                        note.clone(),
+                                    )
+                                    .await
+                            }
+                            Report::Condition { state, message } => {
+                                condition::set(&nodes, &node, *state, message).await
+                            }
+                            Report::LastShutdown(l) => {
+                                condition::record_shutdown(&nodes, &node, l).await
+                            }
                         }
                     };
+                    // A report is worth a retry, not a queue stuck behind a hung call.
+                    let res = tokio::time::timeout(REPORT_TIMEOUT, call)
+                        .await
+                        .map_err(|_| {
+                            kube::Error::Api(Box::new(
+                                kube::core::Status::failure("no answer", "Timeout").with_code(504),
+                            ))
+                        });
                     match res {
-                        Ok(()) => break,
-                        Err(e) => {
+                        Ok(Ok(())) => break,
+                        Ok(Err(e)) | Err(e) => {
                             if attempt < REPORT_TRIES {
                                 debug!(node = %node, attempt, error = %e, report = ?r, "report not written; retrying");
                                 tokio::time::sleep(crate::drain::eviction::backoff(attempt)).await;

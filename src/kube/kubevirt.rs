@@ -2,12 +2,17 @@
 //! from the KubeVirt CR, and a node's VMIs and pods listed once (for `check`, `status` and a dry
 //! run; the drain itself follows them with watches).
 
+use std::time::Duration;
+
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{ApiResource, DynamicObject, ListParams};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Preconditions};
 use kube::{Api, Client};
 
 use crate::drain::fate::ClusterStrategy;
-use crate::drain::model::VMI_NODE_LABEL;
+use crate::drain::model::{MigrationJob, ObjKey, VMI_NODE_LABEL};
+
+/// An answer slower than this counts as a failure to retry.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// kubevirt.io/v1 VirtualMachineInstance, read as a dynamic object.
 pub fn vmi_resource() -> ApiResource {
@@ -17,6 +22,17 @@ pub fn vmi_resource() -> ApiResource {
         api_version: "kubevirt.io/v1".into(),
         kind: "VirtualMachineInstance".into(),
         plural: "virtualmachineinstances".into(),
+    }
+}
+
+/// kubevirt.io/v1 VirtualMachineInstanceMigration.
+pub fn vmim_resource() -> ApiResource {
+    ApiResource {
+        group: "kubevirt.io".into(),
+        version: "v1".into(),
+        api_version: "kubevirt.io/v1".into(),
+        kind: "VirtualMachineInstanceMigration".into(),
+        plural: "virtualmachineinstancemigrations".into(),
     }
 }
 
@@ -72,4 +88,68 @@ pub async fn node_pods(client: &Client, node: &str) -> Result<Vec<Pod>, kube::Er
 
 pub async fn node(client: &Client, node: &str) -> Result<Node, kube::Error> {
     Api::<Node>::all(client.clone()).get(node).await
+}
+
+async fn bounded<T>(
+    f: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(CALL_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
+    }
+}
+
+/// Aborts a migration by deleting its VirtualMachineInstanceMigration, as `virtctl
+/// migrate-cancel` does: KubeVirt's migration controller then tears the target down and the VM
+/// stays on its source. A migration already gone counts as done.
+pub async fn cancel_migration(client: Client, ns: &str, job: &MigrationJob) -> Result<(), String> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client, ns, &vmim_resource());
+    let name = match &job.name {
+        Some(n) => n.clone(),
+        None => {
+            let list = bounded(api.list(&ListParams::default())).await?;
+            match list
+                .items
+                .into_iter()
+                .find(|m| m.metadata.uid.as_deref() == Some(job.uid.as_str()))
+                .and_then(|m| m.metadata.name)
+            {
+                Some(n) => n,
+                None => return Ok(()),
+            }
+        }
+    };
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: Some(job.uid.clone()),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match tokio::time::timeout(CALL_TIMEOUT, api.delete(&name, &params)).await {
+        Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(kube::Error::Api(s))) if s.code == 404 || s.code == 409 => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+    }
+}
+
+/// Asks KubeVirt to stop evacuating a VMI (`PUT …/virtualmachineinstances/<name>/evacuate/cancel`
+/// of virt-api's subresource group, KubeVirt ≥ 1.7). `Ok(false)` where KubeVirt has no such
+/// subresource (older versions) or the VMI is gone.
+pub async fn cancel_evacuation(client: Client, vmi: &ObjKey) -> Result<bool, String> {
+    let url = format!(
+        "/apis/subresources.kubevirt.io/v1/namespaces/{}/virtualmachineinstances/{}/evacuate/cancel",
+        vmi.namespace, vmi.name
+    );
+    let req = http::Request::put(url)
+        .header("content-type", "application/json")
+        .body(b"{}".to_vec())
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(CALL_TIMEOUT, client.request_text(req)).await {
+        Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(kube::Error::Api(s))) if s.code == 404 => Ok(false),
+        Ok(Err(e)) => Err(e.to_string()),
+    }
 }

@@ -13,9 +13,23 @@ pub mod watch;
 pub use kubevirt::vmi_resource;
 
 use std::path::Path;
+use std::time::Duration;
 
-use kube::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use kube::client::ConfigExt;
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use tower::ServiceBuilder;
+
+/// A connection to the API server is given this long to open.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that has sent nothing for this long is dead, whatever TCP thinks (a frozen
+/// load balancer keeps acknowledging). Above [`watch::WATCH_TIMEOUT`]: an idle watch ends on the
+/// server's side first.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// TCP keepalive probes on idle connections, so a peer gone after a VIP failover is noticed.
+const KEEPALIVE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -30,23 +44,70 @@ pub enum ClientError {
     Build(#[from] kube::Error),
 }
 
-/// A client without kube's built-in retry: it retries 429 for up to minutes, and KubeVirt
-/// answers every first eviction of a virt-launcher pod with 429 by design. The drain owns the
-/// timing of every retry instead.
+/// Where the client's configuration comes from.
+pub enum Source<'a> {
+    /// A kubeconfig file, else `KUBECONFIG`, `~/.kube/config` or in-cluster.
+    File(Option<&'a Path>),
+    /// A kubeconfig's text (the worker gets it from the holder).
+    Text(&'a [u8]),
+}
+
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
-    let mut cfg = match kubeconfig {
-        Some(path) => {
+    client_from(Source::File(kubeconfig)).await
+}
+
+/// A client whose every call is bounded (connect timeout, read timeout, TCP keepalive) and
+/// without kube's built-in retry: it retries 429 for up to minutes, and KubeVirt answers every
+/// first eviction of a virt-launcher pod with 429 by design. The drain owns the timing of every
+/// retry instead. `TCP_NODELAY` too: a small request on a fresh connection must not wait for the
+/// peer's delayed ACK.
+pub async fn client_from(source: Source<'_>) -> Result<Client, ClientError> {
+    let cfg = match source {
+        Source::File(Some(path)) => {
             let err = |source| ClientError::Kubeconfig {
                 path: path.display().to_string(),
                 source,
             };
             let kc = Kubeconfig::read_from(path).map_err(err)?;
-            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
                 .await
                 .map_err(err)?
         }
-        None => kube::Config::infer().await?,
+        Source::File(None) => Config::infer().await?,
+        Source::Text(text) => {
+            let err = |source| ClientError::Kubeconfig {
+                path: "(from the holder)".into(),
+                source,
+            };
+            let kc = Kubeconfig::from_yaml(&String::from_utf8_lossy(text)).map_err(err)?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(err)?
+        }
     };
-    cfg.default_retry = false;
-    Ok(Client::try_from(cfg)?)
+    build(cfg)
+}
+
+fn build(cfg: Config) -> Result<Client, ClientError> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http.set_keepalive(Some(KEEPALIVE));
+    http.set_keepalive_interval(Some(Duration::from_secs(3)));
+    http.set_keepalive_retries(Some(3));
+    let https = cfg.rustls_https_connector_with_connector(http)?;
+    let mut timed = hyper_timeout::TimeoutConnector::new(https);
+    timed.set_read_timeout(Some(READ_TIMEOUT));
+    timed.set_write_timeout(Some(READ_TIMEOUT));
+    // The read timeout counts from each request, not from when a pooled connection went idle.
+    timed.set_reset_reader_on_write(true);
+    let hyper = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(timed);
+    let service = ServiceBuilder::new()
+        .layer(cfg.base_uri_layer())
+        .option_layer(cfg.auth_layer()?)
+        .layer(cfg.extra_headers_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(hyper);
+    Ok(Client::new(service, cfg.default_namespace))
 }

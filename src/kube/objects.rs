@@ -9,9 +9,9 @@ use serde::Deserialize;
 
 use crate::drain::fate::VmiFacts;
 use crate::drain::model::{
-    CREATED_BY_LABEL, DEFAULT_GRACE_SECONDS, DOMAIN_ANNOTATION, LAUNCHER_APP_LABEL,
-    LAUNCHER_APP_VALUE, MIRROR_ANNOTATION, MigrationState, ObjKey, PodInfo, VMI_NODE_LABEL,
-    VmiInfo,
+    CREATED_BY_LABEL, DEFAULT_GRACE_SECONDS, DOMAIN_ANNOTATION, HOTPLUG_APP_VALUE,
+    LAUNCHER_APP_LABEL, LAUNCHER_APP_VALUE, MIGRATION_JOB_ANNOTATION, MIGRATION_JOB_LABEL,
+    MIRROR_ANNOTATION, MigrationJob, MigrationState, ObjKey, PodInfo, VMI_NODE_LABEL, VmiInfo,
 };
 
 /// A VirtualMachineInstance's fields, or `None` for an object without name, namespace or UID.
@@ -23,6 +23,15 @@ pub fn vmi_info(obj: &DynamicObject) -> Option<VmiInfo> {
         node_name: Option<String>,
         evacuation_node_name: Option<String>,
         migration_state: Option<RawMigration>,
+        #[serde(default)]
+        conditions: Vec<RawCondition>,
+    }
+    #[derive(Deserialize, Default)]
+    struct RawCondition {
+        #[serde(rename = "type", default)]
+        type_: String,
+        #[serde(default)]
+        status: String,
     }
     #[derive(Deserialize, Default)]
     #[serde(rename_all = "camelCase")]
@@ -58,6 +67,11 @@ pub fn vmi_info(obj: &DynamicObject) -> Option<VmiInfo> {
             failed: m.failed,
         }),
         evacuation_node: status.evacuation_node_name,
+        live_migratable: status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "LiveMigratable")
+            .map(|c| c.status == "True"),
     })
 }
 
@@ -68,6 +82,10 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
     let labels = meta.labels.as_ref().unwrap_or(&empty);
     let annotations = meta.annotations.as_ref().unwrap_or(&empty);
     let spec = pod.spec.as_ref();
+    let controller = meta
+        .owner_references
+        .as_ref()
+        .and_then(|o| o.iter().find(|r| r.controller == Some(true)));
     Some(PodInfo {
         uid: meta.uid.clone()?,
         key: ObjKey::new(meta.namespace.clone()?, meta.name.clone()?),
@@ -76,17 +94,21 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
         is_launcher: labels.get(LAUNCHER_APP_LABEL).map(String::as_str) == Some(LAUNCHER_APP_VALUE),
         created_by: labels.get(CREATED_BY_LABEL).cloned(),
         domain: annotations.get(DOMAIN_ANNOTATION).cloned(),
-        controller_kind: meta.owner_references.as_ref().and_then(|o| {
-            o.iter()
-                .find(|r| r.controller == Some(true))
-                .map(|r| r.kind.clone())
-        }),
+        controller_kind: controller.map(|r| r.kind.clone()),
         is_mirror: annotations.contains_key(MIRROR_ANNOTATION),
         grace_seconds: spec
             .and_then(|s| s.termination_grace_period_seconds)
             .map(|g| g.clamp(0, u32::MAX as i64) as u32)
             .unwrap_or(DEFAULT_GRACE_SECONDS),
         terminating: meta.deletion_timestamp.is_some(),
+        migration_job: labels.get(MIGRATION_JOB_LABEL).map(|uid| MigrationJob {
+            uid: uid.clone(),
+            name: annotations.get(MIGRATION_JOB_ANNOTATION).cloned(),
+        }),
+        is_hotplug: labels.get(LAUNCHER_APP_LABEL).map(String::as_str) == Some(HOTPLUG_APP_VALUE),
+        owner_pod: controller
+            .filter(|r| r.kind == "Pod")
+            .map(|r| r.uid.clone()),
     })
 }
 
@@ -148,6 +170,41 @@ mod tests {
         assert_eq!(v.key, ObjKey::new("ns", "vm-a"));
         assert_eq!(v.evacuation_node.as_deref(), Some("node-1"));
         assert!(!v.runs_on("node-1"));
+        assert_eq!(v.live_migratable, None, "no condition yet: still booting");
+        let mut booted = obj.clone();
+        booted.data["status"]["conditions"] = serde_json::json!([{"type": "LiveMigratable", "status": "False", "reason": "DisksNotLiveMigratable"}]);
+        assert_eq!(vmi_info(&booted).unwrap().live_migratable, Some(false));
+    }
+
+    #[test]
+    fn target_and_hotplug_pods_are_recognised() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "virt-launcher-vm-a-t", "namespace": "ns", "uid": "p2",
+                         "labels": {"kubevirt.io": "virt-launcher", "kubevirt.io/created-by": "u1",
+                                    "kubevirt.io/migrationJobUID": "m1"},
+                         "annotations": {"kubevirt.io/migrationJobName": "vmim-a"}},
+            "spec": {"nodeName": "node-1", "containers": []}
+        }))
+        .unwrap();
+        let p = pod_info(&pod).unwrap();
+        assert_eq!(
+            p.migration_job,
+            Some(MigrationJob {
+                uid: "m1".into(),
+                name: Some("vmim-a".into())
+            })
+        );
+        let hp: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "hp-volume-x", "namespace": "ns", "uid": "p3",
+                         "labels": {"kubevirt.io": "hotplug-disk"},
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "virt-launcher-vm-a-x",
+                                              "uid": "p1", "controller": true}]},
+            "spec": {"nodeName": "node-1", "containers": []}
+        }))
+        .unwrap();
+        let h = pod_info(&hp).unwrap();
+        assert!(h.is_hotplug && !h.is_launcher);
+        assert_eq!(h.owner_pod.as_deref(), Some("p1"));
     }
 
     #[test]

@@ -32,9 +32,16 @@ fn reduce<K, T>(
     }
 }
 
+/// The server ends each watch call after this many seconds; kube-runtime treats a watch silent
+/// for 5 s longer as dead and opens a new one from the last resourceVersion. A stalled
+/// connection (a frozen load balancer) is thus noticed within 25 s.
+pub const WATCH_TIMEOUT: u32 = 20;
+
 pub fn vmis(client: Client, node: &str) -> impl Stream<Item = WatchUpdate<VmiInfo>> + Send {
     let api: Api<DynamicObject> = Api::all_with(client, &super::vmi_resource());
-    let cfg = watcher::Config::default().labels(&format!("{VMI_NODE_LABEL}={node}"));
+    let cfg = watcher::Config::default()
+        .labels(&format!("{VMI_NODE_LABEL}={node}"))
+        .timeout(WATCH_TIMEOUT);
     let node = node.to_string();
     watcher(api, cfg).default_backoff().filter_map(move |ev| {
         let r = reduce("vmis", node.clone(), ev, vmi_info);
@@ -44,7 +51,9 @@ pub fn vmis(client: Client, node: &str) -> impl Stream<Item = WatchUpdate<VmiInf
 
 pub fn pods(client: Client, node: &str) -> impl Stream<Item = WatchUpdate<PodInfo>> + Send {
     let api: Api<Pod> = Api::all(client);
-    let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let cfg = watcher::Config::default()
+        .fields(&format!("spec.nodeName={node}"))
+        .timeout(WATCH_TIMEOUT);
     let node = node.to_string();
     watcher(api, cfg).default_backoff().filter_map(move |ev| {
         let r = reduce("pods", node.clone(), ev, pod_info);
