@@ -408,13 +408,17 @@ impl Raw {
         }
     }
 
-    fn pod(&mut self, pod: &Pod) {
-        let Some(grace) = pod.metadata.deletion_grace_period_seconds else {
-            return;
+    /// Records a launcher's first deletion: the first sighting with a deletion timestamp, or,
+    /// for a pod removed at once, its watch's Delete event.
+    fn pod(&mut self, pod: &Pod, deleted: bool) {
+        let grace = match (
+            &pod.metadata.deletion_timestamp,
+            pod.metadata.deletion_grace_period_seconds,
+        ) {
+            (Some(_), Some(g)) => g,
+            _ if deleted => 0,
+            _ => return,
         };
-        if pod.metadata.deletion_timestamp.is_none() {
-            return;
-        }
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         if !self.deleted_pods.insert(uid) {
             return;
@@ -489,10 +493,12 @@ impl Ledger {
                 Api::<Pod>::all(client),
                 watcher::Config::default().labels("kubevirt.io=virt-launcher"),
                 pod_ready,
-                move |ev| {
-                    if let Event::Apply(p) | Event::InitApply(p) | Event::Delete(p) = ev {
-                        raw.lock().expect("ledger lock").pod(&p);
+                move |ev| match ev {
+                    Event::Apply(p) | Event::InitApply(p) => {
+                        raw.lock().expect("ledger lock").pod(&p, false)
                     }
+                    Event::Delete(p) => raw.lock().expect("ledger lock").pod(&p, true),
+                    _ => {}
                 },
             ))
         };
@@ -521,8 +527,35 @@ impl Ledger {
                 (key.clone(), date_by_audit(name, sightings, entries))
             })
             .collect();
-        compute(&vmis, &raw.deletions, power_offs)
+        let deletions: Vec<LauncherDeletion> = raw
+            .deletions
+            .iter()
+            .map(|d| date_deletion(d, entries))
+            .collect();
+        compute(&vmis, &deletions, power_offs)
     }
+}
+
+/// Moves a launcher's deletion back to when the API server completed the `delete` request.
+fn date_deletion(d: &LauncherDeletion, entries: &[AuditEntry]) -> LauncherDeletion {
+    let Some((ns, name)) = d.pod.split_once('/') else {
+        return d.clone();
+    };
+    let at = entries
+        .iter()
+        .filter(|e| {
+            e.resource == "pods"
+                && e.subresource.is_empty()
+                && e.verb == "delete"
+                && e.namespace == ns
+                && e.name == name
+                && (200..300).contains(&e.code)
+                && e.completed <= d.at
+        })
+        .map(|e| e.completed)
+        .min()
+        .unwrap_or(d.at);
+    LauncherDeletion { at, ..d.clone() }
 }
 
 /// Moves each sighting back to when the API server completed the last write to the VMI it had

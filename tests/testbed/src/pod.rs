@@ -470,7 +470,7 @@ impl std::fmt::Debug for Pod {
 impl Drop for Pod {
     fn drop(&mut self) {
         self.registry.remove(self.id);
-        // kill_on_drop takes the parent; its parent-death signal takes the pod's namespace.
+        self.stop_bottom_up();
     }
 }
 
@@ -637,9 +637,28 @@ impl Pod {
         self.child.try_wait()
     }
 
-    /// Kills the pod's parent, and with it (parent-death signal) the pod.
+    /// Kills the pod and waits for its parent to exit.
     pub async fn kill(&mut self) {
+        self.stop_bottom_up();
         let _ = self.child.kill().await;
+    }
+
+    /// Kills the pod's `unshare` (in the node's PID namespace) before its parent, so the
+    /// parent reaps it. Killing the parent first would leave it to the machine's init, which
+    /// may take its time, and the node's PID namespace cannot end (nor the node shut down)
+    /// while one of its processes is an unreaped zombie. Blocks for at most a second.
+    fn stop_bottom_up(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        if let Some(unshare) = children(self.parent_pid).first() {
+            let _ = kill(Pid::from_raw(*unshare as i32), Signal::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Whatever remains, kill_on_drop ends.
     }
 }
 

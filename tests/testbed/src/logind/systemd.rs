@@ -709,6 +709,13 @@ impl SystemdNode {
             if boot.outer.is_running() && pid_exists(boot.init_pid) {
                 let _ = kill(Pid::from_raw(boot.init_pid as i32), Signal::SIGKILL);
             }
+            // `unshare` ignores SIGTERM while it waits for PID 1, whose exit can take a second
+            // or two on a busy machine (the kernel tears the container's mounts down first):
+            // wait for that rather than signal it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while boot.outer.is_running() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             boot.outer.kill();
         }
         self.finish_boot();
