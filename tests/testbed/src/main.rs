@@ -69,12 +69,13 @@ struct BedArgs {
     /// node-1's logind: systemd (trixie, 257), systemd-bookworm (252) or elogind (246).
     #[arg(long, default_value = "systemd")]
     logind: LogindKind,
-    /// Nodes that run a real logind (and can run pods): a count from node-1, or `all`.
-    #[arg(long, default_value = "1")]
+    /// Nodes that run a real logind (and can run pods): a count from node-1, or `all`. Each
+    /// systemd node adds about a second to the start and 10 MiB.
+    #[arg(long, default_value = "all")]
     loginds: Loginds,
-    /// The logind of the nodes after node-1 that run one.
-    #[arg(long, default_value = "systemd")]
-    other_logind: LogindKind,
+    /// The logind of the nodes after node-1 that run one (default: the same as --logind).
+    #[arg(long)]
+    other_logind: Option<LogindKind>,
     /// logind's InhibitDelayMaxSec on every node with a logind (default: logind's own, 5 s).
     #[arg(long)]
     inhibit_delay_max_sec: Option<u64>,
@@ -94,7 +95,7 @@ impl BedArgs {
             vms: self.vms.clone(),
             logind: self.logind,
             loginds: self.loginds,
-            other_logind: self.other_logind,
+            other_logind: self.other_logind.unwrap_or(self.logind),
             inhibit_delay_max_secs: self.inhibit_delay_max_sec,
             kubevirt: KubeVirtOptions {
                 migration_duration: secs("migration-seconds", self.migration_seconds)?,
