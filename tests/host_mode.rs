@@ -175,10 +175,10 @@ async fn host_mode(logind: LogindKind) {
         .user_kubeconfig("shutdown-guard-host", HOST_USER, &[])
         .expect("kubeconfig");
 
-    // node-1 reaches the API server at the kubeconfig's own address.
+    // node-1 reaches the API server at the kubeconfig's own address (the bed's API proxy).
     let api: std::net::SocketAddr = bed
         .control_plane
-        .server_url()
+        .client_url()
         .trim_start_matches("https://")
         .parse()
         .expect("https://127.0.0.1:<port>");

@@ -601,18 +601,13 @@ async fn lock_comes_back_after_logind_or_bus_restart() {
     let agent = Agent::spawn(&bed, &[]).await;
     wait_for_lock(&bed, &agent, Duration::from_secs(30)).await;
     // A bus restart takes logind with it (systemd-logind does not survive losing its bus and
-    // is not re-activated by the new one, as on a real host): restart it after the bus.
-    let cases: [(&str, &[&str]); 2] = [
-        ("systemd-logind.service", &["systemd-logind.service"]),
-        ("dbus.service", &["dbus.service", "systemd-logind.service"]),
-    ];
-    for (unit, restarts) in cases {
-        {
-            let logind = bed.logind.read().await;
-            let node = logind.systemd_ref().expect("systemd node");
-            for u in restarts {
-                node.systemctl(&["restart", u]).await.expect("restart");
-            }
+    // is not re-activated by the new one, as on a real host): the bed restarts it after the bus.
+    let node = bed.node(NODE).expect("node-1");
+    for unit in ["systemd-logind.service", "dbus.service"] {
+        if unit == "dbus.service" {
+            node.restart_bus().await.expect("bus restart");
+        } else {
+            node.restart_logind().await.expect("logind restart");
         }
         let restarted = std::time::Instant::now();
         let back = testbed::wait::until(

@@ -268,6 +268,7 @@ impl PodCgroup {
     /// in the machine's PID namespace; only its cgroup is the pod's.
     pub async fn exceed_limit(&self, timeout: Duration) -> Result<(), PodError> {
         let before = self.oom_kills();
+        let group_before = self.group_kills();
         let block = (self.limit.saturating_mul(2)).max(1 << 20);
         let mut cmd = tokio::process::Command::new("sh");
         cmd.args([
@@ -282,8 +283,11 @@ impl PodCgroup {
         .kill_on_drop(true);
         let mut hog = cmd.spawn().map_err(io("starting a memory hog"))?;
         let status = tokio::time::timeout(timeout, hog.wait()).await;
-        let fired = crate::wait::until(timeout, Duration::from_millis(5), || async {
-            (self.oom_kills() > before).then_some(())
+        // Returns only once the whole group is gone: on v1 the bed's kill follows the
+        // kernel's by a few milliseconds, and whoever asked must not see the pod in between.
+        let fired = crate::wait::until(timeout, Duration::from_millis(2), || async {
+            let group_done = self.mode == CgroupMode::V2 || self.group_kills() > group_before;
+            (self.oom_kills() > before && group_done).then_some(())
         })
         .await;
         match (status, fired) {

@@ -26,8 +26,17 @@ fn testbed_run_gives_the_command_a_pod_on_node1_and_its_exit_status() {
     "#;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_testbed"))
         .args([
-            "run", "--logind", "elogind", "--loginds", "1", "--vms", "live=1", "--", "bash",
-            "-c", script,
+            "run",
+            "--logind",
+            "elogind",
+            "--loginds",
+            "1",
+            "--vms",
+            "live=1",
+            "--",
+            "bash",
+            "-c",
+            script,
         ])
         .output()
         .expect("testbed runs");
@@ -73,8 +82,10 @@ fn testbed_run_gives_the_command_a_pod_on_node1_and_its_exit_status() {
 }
 
 /// `--on all`: one pod per node at once, each with its own node's variables and bus; a pod
-/// can ask the bed for faults (`$TESTBED_CTL`): kube-apiserver stopped, then started again,
-/// and its kubectl (through the API proxy) works again; the run ends with the VM ledger.
+/// can ask the bed for faults (`$TESTBED_CTL`): kube-apiserver stopped, then started again
+/// (its kubectl, through the API proxy, works again), another node's pod sent SIGTERM, a
+/// memory limit exceeded (the OOM group kill takes the asking pod itself); the run ends with
+/// the VM ledger and the first failing pod's status.
 #[test]
 fn testbed_run_on_every_node_at_once_with_faults_from_a_pod() {
     let script = r#"
@@ -83,47 +94,84 @@ fn testbed_run_on_every_node_at_once_with_faults_from_a_pod() {
         busctl --system call org.freedesktop.login1 /org/freedesktop/login1 \
           org.freedesktop.login1.Manager ListInhibitors >/dev/null
         echo "bus=ok"
-        if [ "$TESTBED_NODE" = node-1 ]; then
-          "$TESTBED_CTL" status
-          "$TESTBED_CTL" api stop
-          if kubectl get ns --request-timeout=3s >/dev/null 2>&1; then echo api-still-up; exit 3; fi
-          "$TESTBED_CTL" api start
-          kubectl get node node-1 -o name
-          if "$TESTBED_CTL" mask node-1 poweroff.target 2>/dev/null; then exit 4; fi
-        fi
+        case "$TESTBED_NODE" in
+          node-1)
+            "$TESTBED_CTL" status
+            "$TESTBED_CTL" api stop
+            if kubectl get ns --request-timeout=3s >/dev/null 2>&1; then echo api-still-up; exit 3; fi
+            "$TESTBED_CTL" api start
+            kubectl get node node-1 -o name
+            if "$TESTBED_CTL" mask node-1 poweroff.target 2>/dev/null; then exit 4; fi
+            "$TESTBED_CTL" kill node-2 TERM ;;
+          node-2) exec sleep 300 ;;
+          node-3) "$TESTBED_CTL" oom node-3; echo survived ;;
+        esac
     "#;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_testbed"))
         .args([
-            "run", "--logind", "elogind", "--nodes", "3", "--vms", "live=1", "--on", "all",
-            "--", "bash", "-c", script,
+            "run",
+            "--logind",
+            "elogind",
+            "--nodes",
+            "3",
+            "--vms",
+            "live=1",
+            "--on",
+            "all",
+            "--memory-max",
+            "256Mi",
+            "--",
+            "bash",
+            "-c",
+            script,
         ])
         .output()
         .expect("testbed runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
+    let shown = format!(
         "status {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status
     );
     for node in ["node-1", "node-2", "node-3"] {
         assert!(
             stdout.contains(&format!("[{node}] node={node}")),
-            "no pod on {node} with its own TESTBED_NODE:\n{stdout}"
+            "no pod on {node} with its own TESTBED_NODE: {shown}"
         );
-        assert!(stdout.contains(&format!("[{node}] bus=ok")), "{stdout}");
+        assert!(stdout.contains(&format!("[{node}] bus=ok")), "{shown}");
     }
     assert!(
         stdout.contains("[node-1] kube-apiserver running"),
-        "no status from the ctl:\n{stdout}"
+        "no status from the ctl: {shown}"
     );
     assert!(
         stdout.contains("[node-1] node/node-1"),
-        "kubectl did not reach the restarted API server:\n{stdout}"
+        "kubectl did not reach the restarted API server: {shown}"
+    );
+    assert!(
+        stdout.contains("[node-1] SIGTERM sent to bash"),
+        "node-2's pod was not signalled: {shown}"
+    );
+    assert!(
+        stderr.contains("the pod on node-2 exited with exit status: 143"),
+        "{shown}"
+    );
+    assert!(
+        !stdout.contains("[node-3] survived"),
+        "the OOM group kill spared the asking shell: {shown}"
+    );
+    assert!(
+        stderr.contains("the pod on node-3 exited with exit status: 137"),
+        "{shown}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "the first failing pod's status: {shown}"
     );
     assert!(
         stderr.contains("VM ledger: 1 VMIs: 0 migrated, 0 stopped gracefully, 0 lost, 1 other"),
-        "no ledger at the end:\n{stderr}"
+        "no ledger at the end: {shown}"
     );
 }
 
@@ -133,7 +181,15 @@ fn testbed_run_on_every_node_at_once_with_faults_from_a_pod() {
 fn testbed_fault_reaches_a_bed_kept_up() {
     use std::io::BufRead;
     let mut up = std::process::Command::new(env!("CARGO_BIN_EXE_testbed"))
-        .args(["up", "--logind", "elogind", "--nodes", "2", "--loginds", "1"])
+        .args([
+            "up",
+            "--logind",
+            "elogind",
+            "--nodes",
+            "2",
+            "--loginds",
+            "1",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -179,7 +235,10 @@ fn testbed_fault_reaches_a_bed_kept_up() {
     assert!(err.contains("elogind, which has no units"), "{err}");
     let (code, _, err) = fault(&["kill", "--node", "node-2"]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("no pod the bed started runs on node-2"), "{err}");
+    assert!(
+        err.contains("no pod the bed started runs on node-2"),
+        "{err}"
+    );
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(up.id() as i32),
