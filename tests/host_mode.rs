@@ -387,6 +387,9 @@ async fn host_mode(logind: LogindKind) {
         released.last_held <= powered_off,
         "node-1 powered off before the lock was released"
     );
+    // Independent of the agent: no VM was still on node-1 when it powered off.
+    let ledger = bed.ledger().await;
+    assert!(ledger.lost().is_empty(), "VMs lost:\n{ledger}");
     assert!(
         powered_off
             .duration_since(released.gone)
