@@ -635,3 +635,124 @@ async fn lock_comes_back_after_logind_or_bus_restart() {
     drop(agent);
     bed.shutdown().await.expect("teardown");
 }
+
+/// Two nodes shut down together, each guarded by its own agent: node-2 starts first (its
+/// agent cordons it), node-1 follows while node-2 still drains. Every VMI of both ends on
+/// node-3, the only node left open; each lock goes only after its own node is empty (logind's
+/// state file on each node), each node powers off after its own release, no VM is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_power_off_together_each_drained_by_its_own_agent() {
+    let bed = start_bed(BedOptions {
+        vms: "live=2".parse().unwrap(),
+        loginds: testbed::bed::Loginds::First(2),
+        inhibit_delay_max_secs: Some(60),
+        kubevirt: KubeVirtOptions {
+            migration_duration: Duration::from_secs(2),
+            ..KubeVirtOptions::default()
+        },
+        ..BedOptions::default()
+    })
+    .await;
+    bed.control_plane
+        .create_namespace("second")
+        .await
+        .expect("namespace");
+    bed.kubevirt
+        .create_vmis("second", "node-2", &"live=2".parse().unwrap())
+        .await
+        .expect("VMIs on node-2");
+    let recorders = [
+        Recorder::start(bed.client(), "node-1").await,
+        Recorder::start(bed.client(), "node-2").await,
+    ];
+    let agents = [
+        Agent::spawn_on(&bed, "node-1", &[]).await,
+        Agent::spawn_on(&bed, "node-2", &[]).await,
+    ];
+    for (node, agent) in ["node-1", "node-2"].iter().zip(&agents) {
+        let n = bed.node(node).unwrap();
+        let locked = testbed::wait::until(
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            || async {
+                let list = n.list_inhibitors().await.ok()?;
+                list.iter().any(|i| i.who == WHO).then_some(())
+            },
+        )
+        .await;
+        assert!(
+            locked.is_some(),
+            "no lock on {node}; agent log:\n{}",
+            agent.log_text()
+        );
+    }
+    let timeout = Duration::from_secs(60);
+    let (n1, n2) = (bed.node("node-1").unwrap(), bed.node("node-2").unwrap());
+    let watches = [
+        n1.watch_release(WHO, timeout).await,
+        n2.watch_release(WHO, timeout).await,
+    ];
+    n2.poweroff().await.expect("node-2's power-off starts");
+    assert!(
+        testbed::wait::until(
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            || async { recorders[1].first(|c| *c == Change::Cordoned) }
+        )
+        .await
+        .is_some(),
+        "node-2's agent did not cordon it; log:\n{}",
+        agents[1].log_text()
+    );
+    n1.poweroff().await.expect("node-1's power-off starts");
+    let [w1, w2] = watches;
+    let (r1, r2) = tokio::join!(w1.wait(), w2.wait());
+    let released = [
+        r1.expect("node-1's lock goes"),
+        r2.expect("node-2's lock goes"),
+    ];
+    let offs = [
+        n1.wait_poweroff(timeout).await.expect("node-1 powers off"),
+        n2.wait_poweroff(timeout).await.expect("node-2 powers off"),
+    ];
+    let entries = audit(&bed);
+    let vmis = [
+        ["default/live-1", "default/live-2"],
+        ["second/live-1", "second/live-2"],
+    ];
+    for i in 0..2 {
+        let node = format!("node-{}", i + 1);
+        assert!(
+            recorders[i]
+                .wait_departed(&vmis[i], Duration::from_secs(5))
+                .await,
+            "VMIs left on {node}: {:?}",
+            recorders[i].vmis_on_node()
+        );
+        let departures = recorders[i].departures();
+        for vmi in vmis[i] {
+            match departures.get(vmi) {
+                Some((at, Change::Migrated { target, .. })) => {
+                    assert_eq!(target, "node-3", "{vmi} went to a node shutting down");
+                    let left = server_write_before(&entries, vmi, *at).unwrap_or(*at);
+                    assert!(
+                        left <= released[i].gone,
+                        "{node}'s lock went before {vmi} left"
+                    );
+                }
+                other => panic!(
+                    "{vmi} did not migrate off {node}: {other:?}; log:\n{}",
+                    agents[i].log_text()
+                ),
+            }
+        }
+        assert!(
+            offs[i] >= released[i].last_held,
+            "{node} powered off while its lock was held"
+        );
+    }
+    let ledger = assert_none_lost(&bed).await;
+    assert_eq!(ledger.migrated().len(), 4, "{ledger}");
+    drop(agents);
+    bed.shutdown().await.expect("teardown");
+}
