@@ -964,6 +964,9 @@ impl std::fmt::Debug for ApiServerControl {
 impl ApiServerControl {
     /// Stops kube-apiserver as `systemctl stop` would (SIGTERM, then SIGKILL after 3 s) and
     /// returns once it is gone. Its clients see their connections closed and new ones refused.
+    /// The bed's own components lose it too: past kube-controller-manager's node monitor grace
+    /// period (tens of seconds) it may mark nodes Unknown once it is back, before the kubelet
+    /// simulator's next Lease renewal, as on a real cluster.
     pub async fn stop(&self) -> Result<(), ControlPlaneError> {
         if self.process.pid().is_none() {
             return Err(ControlPlaneError::ApiServerState("not running"));
