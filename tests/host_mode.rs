@@ -175,10 +175,10 @@ async fn host_mode(logind: LogindKind) {
         .user_kubeconfig("shutdown-guard-host", HOST_USER, &[])
         .expect("kubeconfig");
 
-    // node-1 reaches the API server at the kubeconfig's own address.
+    // node-1 reaches the API server at the kubeconfig's own address (the bed's API proxy).
     let api: std::net::SocketAddr = bed
         .control_plane
-        .server_url()
+        .client_url()
         .trim_start_matches("https://")
         .parse()
         .expect("https://127.0.0.1:<port>");
@@ -387,6 +387,9 @@ async fn host_mode(logind: LogindKind) {
         released.last_held <= powered_off,
         "node-1 powered off before the lock was released"
     );
+    // Independent of the agent: no VM was still on node-1 when it powered off.
+    let ledger = bed.ledger().await;
+    assert!(ledger.lost().is_empty(), "VMs lost:\n{ledger}");
     assert!(
         powered_off
             .duration_since(released.gone)

@@ -468,6 +468,9 @@ async fn the_daemonset_identity_drains_its_node_and_is_refused_elsewhere() {
         powered_off >= released.last_held,
         "powered off while logind still listed the lock"
     );
+    // Independent of the agent: no VM was still on node-1 when it powered off.
+    let ledger = bed.ledger().await;
+    assert!(ledger.lost().is_empty(), "VMs lost:\n{ledger}");
 
     // Everything the agent asked for as the ServiceAccount was allowed: RBAC is sufficient.
     // (Read before the refusals below, which are made with the same identity.)

@@ -1,15 +1,16 @@
 //! What the scenario tests share: a bed with the agent running as a pod on node-1, and the
-//! observations that prove what happened (logind's inhibitor list, the API server's audit log,
-//! watch events, the node's power-off time) — never the agent's own logs.
+//! observations that prove what happened (logind's inhibitor state, the API server's audit
+//! log, watch events, the node's power-off time, the VM ledger) — never the agent's own logs.
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use testbed::bed::{Bed, BedOptions, NODE, Release};
+use testbed::ledger::LedgerReport;
 use testbed::logind::Inhibitor;
+use testbed::pod::{Pod, PodOutput, PodSpec};
 use testbed::timeline::{AuditEntry, audit_entries};
 use testbed::wait;
 
@@ -31,34 +32,62 @@ pub async fn start_bed(opts: BedOptions) -> Bed {
     Bed::start(opts).await.expect("the bed starts")
 }
 
-/// The agent, running as a pod on node-1; killed when dropped.
+/// The agent, running as a pod on a node; killed when dropped.
 pub struct Agent {
-    pub child: tokio::process::Child,
+    /// The pod: the agent's host PID ([`Pod::pid`]), signals, its memory cgroup.
+    pub pod: Pod,
     pub log: PathBuf,
 }
 
 impl Agent {
+    /// The agent as a pod on node-1.
     pub async fn spawn(bed: &Bed, extra: &[&str]) -> Agent {
+        Self::spawn_on(bed, NODE, extra).await
+    }
+
+    /// The agent as a pod on `node` (which must run a logind), guarding that node.
+    pub async fn spawn_on(bed: &Bed, node: &str, extra: &[&str]) -> Agent {
+        Self::spawn_with(bed, node, extra, |spec| spec).await
+    }
+
+    /// Like [`spawn_on`](Self::spawn_on), with the pod spec adjusted by `adjust` (a memory
+    /// limit, variables).
+    pub async fn spawn_with(
+        bed: &Bed,
+        node: &str,
+        extra: &[&str],
+        adjust: impl FnOnce(PodSpec) -> PodSpec,
+    ) -> Agent {
         let log = bed
             .control_plane
             .dir()
-            .join(format!("agent-{}.log", rand_suffix()));
-        let file = std::fs::File::create(&log).expect("agent log");
-        let mut args = vec!["run", "--node", NODE, "--log-format", "json"];
+            .join(format!("agent-{node}-{}.log", rand_suffix()));
+        let mut args = vec!["run", "--node", node, "--log-format", "json"];
         args.extend_from_slice(extra);
-        let child = bed
-            .pod_command(AGENT, &args)
+        let spec = adjust(
+            PodSpec::new(AGENT, &args)
+                .name(format!("shutdown-guard-{node}"))
+                .output(PodOutput::File(log.clone())),
+        );
+        let pod = bed
+            .node(node)
+            .expect("the node runs a logind")
+            .spawn_pod(spec)
             .await
-            .stdout(Stdio::from(file.try_clone().expect("log fd")))
-            .stderr(Stdio::from(file))
-            .kill_on_drop(true)
-            .spawn()
             .expect("the agent starts");
-        Agent { child, log }
+        Agent { pod, log }
     }
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The agent's host PID.
+    pub async fn pid(&self) -> u32 {
+        self.pod
+            .pid(Duration::from_secs(10))
+            .await
+            .expect("the agent runs")
     }
 }
 
@@ -105,9 +134,18 @@ pub async fn wait_log(agent: &Agent, text: &str, timeout: Duration) -> bool {
     .is_some()
 }
 
-/// The moment logind stopped listing shutdown-guard's lock.
+/// When shutdown-guard's lock on node-1 went, from logind's side: its inhibitor state file,
+/// looked at every 0.5 ms (see [`testbed::logind::ReleaseWatch`]). Call it while the lock is
+/// held; [`Bed::watch_release`] arms the watch ahead of time.
 pub async fn observe_release(bed: &Bed, timeout: Duration) -> Option<Release> {
     bed.observe_release(WHO, timeout).await
+}
+
+/// The ledger of every VMI so far; panics, showing it, if any VMI was lost.
+pub async fn assert_none_lost(bed: &Bed) -> LedgerReport {
+    let report = bed.ledger().await;
+    assert!(report.lost().is_empty(), "VMs lost:\n{report}");
+    report
 }
 
 /// The audit log's entries, in order.
@@ -116,26 +154,32 @@ pub fn audit(bed: &Bed) -> Vec<AuditEntry> {
 }
 
 /// When the API server received the write that took `vmi` (`ns/name`) off the node: the last
-/// status write (or deletion) it received at or before `seen`, the moment the test's watch showed
-/// the VMI gone. A migration and a stop both end with a status write (`nodeName` moved and
-/// `migrationState.completed`, or a final phase); the label write that may follow a migration
-/// is not what took the VMI off the node, so it does not count even when the watch trails it.
+/// write (or deletion) it received at or before `seen`, the moment the test's watch showed the
+/// VMI gone. A migration and a stop both end with a write of the VMI's status (`nodeName`
+/// moved and `migrationState.completed`, or a final phase). Where the VMI CRD has a status
+/// subresource, only `/status` writes count: a label write that follows a migration is not
+/// what took the VMI off the node, even when the watch trails it. Upstream's CRD has none
+/// and moves the label and `nodeName` in one update, so there every write of the VMI counts.
 pub fn server_write_before(
     entries: &[AuditEntry],
     vmi: &str,
     seen: SystemTime,
 ) -> Option<SystemTime> {
     let (ns, name) = vmi.split_once('/')?;
-    entries
+    let writes: Vec<&AuditEntry> = entries
         .iter()
         .filter(|e| {
             e.resource == "virtualmachineinstances"
                 && e.namespace == ns
                 && e.name == name
-                && ((e.subresource == "status" && matches!(e.verb.as_str(), "update" | "patch"))
-                    || e.verb == "delete")
-                && e.received <= seen
+                && matches!(e.verb.as_str(), "update" | "patch" | "delete")
         })
+        .collect();
+    let has_status = writes.iter().any(|e| e.subresource == "status");
+    writes
+        .into_iter()
+        .filter(|e| !has_status || e.subresource == "status" || e.verb == "delete")
+        .filter(|e| e.received <= seen)
         .map(|e| e.received)
         .max()
 }

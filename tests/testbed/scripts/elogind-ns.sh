@@ -46,13 +46,29 @@ fi
 #    creates hierarchies in the machine's /sys/fs/cgroup.
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 
-dbus-daemon --config-file="$EL_DIR/system-bus.conf" --nofork --nopidfile >"$EL_DIR/dbus.log" 2>&1 &
-dbus=$!
-for _ in $(seq 500); do [ -S "$EL_DIR/system_bus_socket" ] && break; sleep 0.01; done
-export DBUS_SYSTEM_BUS_ADDRESS="unix:path=$EL_DIR/system_bus_socket"
-SYSTEMD_LOG_TARGET=console SYSTEMD_LOG_LEVEL=info ELOGIND_CONF_FILE="$EL_DIR/logind.conf" \
-LD_LIBRARY_PATH="$EL_ROOT/lib/elogind:$EL_ROOT/lib/x86_64-linux-gnu" \
-  "$EL_ROOT/lib/elogind/elogind" >"$EL_DIR/elogind.log" 2>&1 &
-elogind=$!
+sock=$EL_DIR/system_bus_socket
+start_dbus() {
+  rm -f "$sock"
+  dbus-daemon --config-file="$EL_DIR/system-bus.conf" --nofork --nopidfile >>"$EL_DIR/dbus.log" 2>&1 &
+  dbus=$!
+  for _ in $(seq 500); do [ -S "$sock" ] && break; sleep 0.01; done
+}
+start_elogind() {
+  DBUS_SYSTEM_BUS_ADDRESS="unix:path=$sock" SYSTEMD_LOG_TARGET=console SYSTEMD_LOG_LEVEL=info \
+  ELOGIND_CONF_FILE="$EL_DIR/logind.conf" \
+  LD_LIBRARY_PATH="$EL_ROOT/lib/elogind:$EL_ROOT/lib/x86_64-linux-gnu" \
+    "$EL_ROOT/lib/elogind/elogind" >>"$EL_DIR/elogind.log" 2>&1 &
+  elogind=$!
+}
 trap 'kill $elogind $dbus 2>/dev/null; exit 0' TERM INT
-wait
+start_dbus
+start_elogind
+# Like systemd's Restart=always for both daemons: whichever the bed stops (a logind or bus
+# restart, src/logind/elogind.rs) comes back, the bus first.
+set +e
+while :; do
+  wait -n
+  sleep 0.05
+  kill -0 "$dbus" 2>/dev/null || start_dbus
+  kill -0 "$elogind" 2>/dev/null || start_elogind
+done

@@ -1,27 +1,39 @@
-//! The whole bed in one handle: control plane, simulated kubelets and KubeVirt, and node-1's
-//! real logind, wired together the way a cluster is.
+//! The whole bed in one handle: control plane, simulated kubelets and KubeVirt, and a real
+//! logind on node-1 (and on more nodes when asked), wired together the way a cluster is.
 //!
-//! A process that runs "as a pod on node-1" ([`Bed::pod_command`]) lives in a child PID
-//! namespace of node-1's logind and cannot see the machine's PIDs, so it cannot `nsenter` the
-//! node. The power commands it is given (`TESTBED_POWEROFF`, …) therefore ask the bed over
-//! loopback ([`ctl`](crate::ctl)); the bed performs them from the machine's side.
+//! A process that runs "as a pod" on a node ([`BedNode::spawn_pod`], [`Bed::pod_command`])
+//! lives in a child PID namespace of that node's logind and cannot see the machine's PIDs, so
+//! it cannot `nsenter` the node. The power commands it is given (`TESTBED_POWEROFF`, …)
+//! therefore ask the bed over loopback ([`ctl`](crate::ctl)); the bed performs them from the
+//! machine's side. The same channel takes faults (`testbed fault …`), which tests call
+//! directly: [`Bed::api`] (stop/start kube-apiserver, freeze/reset its client connections),
+//! [`BedNode::restart_logind`], [`BedNode::restart_bus`], [`BedNode::mask_unit`], and the
+//! [`Pod`] handle (signals by host PID, OOM kills under kubelet's group-kill semantics).
+//!
+//! A [`Ledger`] records every VMI from the start; [`Bed::ledger`] reports each one's fate.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use kube::Client;
+use nix::sys::signal::Signal;
 use tokio::sync::RwLock;
 
-use crate::controlplane::{ControlPlane, ControlPlaneError, ControlPlaneOptions};
+use crate::apiproxy::Freeze;
+use crate::controlplane::{ApiServerControl, ControlPlane, ControlPlaneError, ControlPlaneOptions};
 use crate::kubelet::{KubeletError, KubeletSim, NodeConfig, node_names};
 use crate::kubevirt::{KubeVirtError, KubeVirtOptions, KubeVirtSim, VmSpec};
+use crate::ledger::{Ledger, LedgerReport};
 use crate::logind::{
-    Elogind, ElogindOptions, Inhibitor, LogindError, LogindNode, NodeExit, Suite, SystemdNode,
+    Elogind, ElogindOptions, Inhibitor, LogindError, NodeExit, ReleaseWatch, Suite, SystemdNode,
     SystemdOptions,
 };
+pub use crate::logind::{NodeLogind, Release};
+use crate::pod::{Pod, PodError, PodRegistry, PodSpec};
 
-/// The node the agent under test guards.
+/// The node the agent under test guards by default.
 pub const NODE: &str = "node-1";
 /// Namespace the bed's VMIs live in.
 pub const VM_NAMESPACE: &str = "default";
@@ -36,8 +48,17 @@ pub enum BedError {
     KubeVirt(#[from] KubeVirtError),
     #[error("logind: {0}")]
     Logind(#[from] LogindError),
+    #[error(transparent)]
+    Pod(#[from] PodError),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(
+        "{node} runs no logind (nodes with one: {with}); start the bed with more \
+         (--loginds N|all, BedOptions::loginds)"
+    )]
+    NoLogind { node: String, with: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -46,7 +67,7 @@ pub enum BedError {
     },
 }
 
-/// Which logind node-1 runs.
+/// Which logind a node runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum LogindKind {
     /// systemd 257 (Debian trixie) as PID 1 of a namespace container.
@@ -72,15 +93,62 @@ impl std::str::FromStr for LogindKind {
     }
 }
 
+/// Which nodes run a logind (and so can run pods): node-1 … node-N, or every node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loginds {
+    First(usize),
+    All,
+}
+
+impl Default for Loginds {
+    fn default() -> Self {
+        Self::First(1)
+    }
+}
+
+impl std::str::FromStr for Loginds {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Self::All),
+            n => match n.parse::<usize>() {
+                Ok(k) if k >= 1 => Ok(Self::First(k)),
+                _ => Err(format!(
+                    "--loginds {n:?}: give a count of nodes from node-1 (at least 1) or `all`"
+                )),
+            },
+        }
+    }
+}
+
+impl Loginds {
+    /// The nodes, out of `nodes`, that get a logind.
+    pub fn pick(self, nodes: &[String]) -> Result<Vec<String>, String> {
+        match self {
+            Self::All => Ok(nodes.to_vec()),
+            Self::First(k) if k <= nodes.len() => Ok(nodes[..k].to_vec()),
+            Self::First(k) => Err(format!(
+                "--loginds {k}: the bed has only {} nodes",
+                nodes.len()
+            )),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct BedOptions {
     /// Nodes `node-1` … `node-N` (at least 2, so VMIs have somewhere to migrate).
     pub nodes: usize,
-    /// VMIs created on node-1.
+    /// The VMIs to create, passed to [`KubeVirtSim::create_vmis`] for node-1 as it is.
     pub vms: VmSpec,
+    /// node-1's logind.
     pub logind: LogindKind,
+    /// Which nodes run a logind (default node-1 only).
+    pub loginds: Loginds,
+    /// The logind of every other node that runs one.
+    pub other_logind: LogindKind,
     pub kubevirt: KubeVirtOptions,
-    /// logind's `InhibitDelayMaxSec` on node-1 (None: logind's default, 5 s).
+    /// logind's `InhibitDelayMaxSec` on every node with a logind (None: logind's default, 5 s).
     pub inhibit_delay_max_secs: Option<u64>,
     pub control_plane: ControlPlaneOptions,
 }
@@ -91,6 +159,8 @@ impl Default for BedOptions {
             nodes: 3,
             vms: VmSpec::default(),
             logind: LogindKind::default(),
+            loginds: Loginds::default(),
+            other_logind: LogindKind::Systemd,
             kubevirt: KubeVirtOptions::default(),
             inhibit_delay_max_secs: None,
             control_plane: ControlPlaneOptions::default(),
@@ -98,106 +168,199 @@ impl Default for BedOptions {
     }
 }
 
-/// When a lock went away, as seen from outside logind: it was listed at `last_held` (the
-/// moment the last query that still listed it was sent) and no more at `gone`.
-#[derive(Clone, Copy, Debug)]
-pub struct Release {
-    pub last_held: SystemTime,
-    pub gone: SystemTime,
-}
-
-/// node-1's logind, whichever flavour.
-pub enum NodeLogind {
-    Systemd(SystemdNode),
-    Elogind(Elogind),
-}
-
-macro_rules! delegate {
-    ($self:ident, $n:ident => $e:expr) => {
-        match $self {
-            NodeLogind::Systemd($n) => $e,
-            NodeLogind::Elogind($n) => $e,
-        }
-    };
-}
-
-impl NodeLogind {
-    pub fn bus_address(&self) -> String {
-        delegate!(self, n => n.bus_address())
-    }
-    pub fn pod_bus_address(&self) -> String {
-        delegate!(self, n => n.pod_bus_address())
-    }
-    pub fn boot_id(&self) -> String {
-        delegate!(self, n => n.boot_id())
-    }
-    pub fn pod_command(&self, program: &str, args: &[&str]) -> tokio::process::Command {
-        delegate!(self, n => n.pod_command(program, args))
-    }
-    pub async fn poweroff(&self) -> Result<(), LogindError> {
-        delegate!(self, n => n.poweroff().await)
-    }
-    pub async fn wait_poweroff(&self, timeout: Duration) -> Result<SystemTime, LogindError> {
-        delegate!(self, n => n.wait_poweroff(timeout).await)
-    }
-    pub async fn set_inhibit_delay_max(&self, secs: u64) -> Result<Duration, LogindError> {
-        delegate!(self, n => n.set_inhibit_delay_max(secs).await)
-    }
-    pub async fn inhibit_delay_max(&self) -> Result<Duration, LogindError> {
-        delegate!(self, n => n.inhibit_delay_max().await)
-    }
-    pub async fn list_inhibitors(&self) -> Result<Vec<Inhibitor>, LogindError> {
-        delegate!(self, n => n.list_inhibitors().await)
-    }
-    pub fn systemd(&mut self) -> Option<&mut SystemdNode> {
-        match self {
-            NodeLogind::Systemd(n) => Some(n),
-            NodeLogind::Elogind(_) => None,
-        }
-    }
-    pub fn systemd_ref(&self) -> Option<&SystemdNode> {
-        match self {
-            NodeLogind::Systemd(n) => Some(n),
-            NodeLogind::Elogind(_) => None,
-        }
-    }
-    pub fn memory_kib(&self) -> u64 {
-        delegate!(self, n => n.memory_kib())
-    }
-}
-
-async fn start_logind(opts: &BedOptions) -> Result<NodeLogind, BedError> {
-    let node = match opts.logind {
+async fn start_logind(
+    name: &str,
+    kind: LogindKind,
+    delay: Option<u64>,
+) -> Result<NodeLogind, BedError> {
+    let node = match kind {
         LogindKind::Systemd | LogindKind::SystemdBookworm => {
-            let suite = if opts.logind == LogindKind::Systemd {
+            let suite = if kind == LogindKind::Systemd {
                 Suite::Trixie
             } else {
                 Suite::Bookworm
             };
-            NodeLogind::Systemd(SystemdNode::boot(SystemdOptions::new(NODE, suite)).await?)
+            NodeLogind::Systemd(SystemdNode::boot(SystemdOptions::new(name, suite)).await?)
         }
         LogindKind::Elogind => NodeLogind::Elogind(
             Elogind::start(ElogindOptions {
-                inhibit_delay_max_secs: opts.inhibit_delay_max_secs.unwrap_or(5),
+                inhibit_delay_max_secs: delay.unwrap_or(5),
                 ..ElogindOptions::default()
             })
             .await?,
         ),
     };
-    if let (Some(secs), NodeLogind::Systemd(_)) = (opts.inhibit_delay_max_secs, &node) {
+    if let (Some(secs), NodeLogind::Systemd(_)) = (delay, &node) {
         node.set_inhibit_delay_max(secs).await?;
     }
     Ok(node)
 }
 
+/// Starts the loginds of `names` at once.
+async fn start_loginds(
+    opts: &BedOptions,
+    names: &[String],
+) -> Result<BTreeMap<String, Arc<RwLock<NodeLogind>>>, BedError> {
+    let started = futures::future::join_all(names.iter().map(|name| async move {
+        let kind = if name == NODE {
+            opts.logind
+        } else {
+            opts.other_logind
+        };
+        let node = start_logind(name, kind, opts.inhibit_delay_max_secs).await?;
+        Ok::<_, BedError>((name.clone(), Arc::new(RwLock::new(node))))
+    }))
+    .await;
+    started.into_iter().collect()
+}
+
+/// What the bed shares with its ctl server: the nodes' loginds, the pods it started, and the
+/// API server's controls.
+pub(crate) struct BedShared {
+    pub loginds: BTreeMap<String, Arc<RwLock<NodeLogind>>>,
+    pub pods: PodRegistry,
+    pub api: ApiServerControl,
+}
+
+impl BedShared {
+    pub fn logind(&self, node: &str) -> Result<&Arc<RwLock<NodeLogind>>, BedError> {
+        self.loginds.get(node).ok_or_else(|| BedError::NoLogind {
+            node: node.to_owned(),
+            with: self.loginds.keys().cloned().collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    pub async fn restart_logind(&self, node: &str) -> Result<(), BedError> {
+        Ok(self.logind(node)?.read().await.restart_logind().await?)
+    }
+
+    pub async fn restart_bus(&self, node: &str) -> Result<(), BedError> {
+        Ok(self.logind(node)?.read().await.restart_bus().await?)
+    }
+
+    pub async fn mask_unit(&self, node: &str, unit: &str, mask: bool) -> Result<(), BedError> {
+        let logind = self.logind(node)?.read().await;
+        let systemd = logind.systemd_ref().ok_or_else(|| {
+            BedError::Unsupported(format!(
+                "masking {unit} on {node}: it runs elogind, which has no units; use a systemd node"
+            ))
+        })?;
+        if mask {
+            systemd.mask_unit(unit).await?;
+        } else {
+            systemd.unmask_unit(unit).await?;
+        }
+        Ok(())
+    }
+
+    fn pods_on(&self, node: &str) -> Result<Vec<crate::pod::PodRecord>, BedError> {
+        let pods: Vec<_> = self
+            .pods
+            .records()
+            .into_iter()
+            .filter(|r| r.node == node)
+            .collect();
+        if pods.is_empty() {
+            return Err(BedError::Invalid(format!(
+                "no pod the bed started runs on {node}"
+            )));
+        }
+        Ok(pods)
+    }
+
+    pub async fn kill_pods(&self, node: &str, signal: Signal) -> Result<String, BedError> {
+        let mut done = Vec::new();
+        for pod in self.pods_on(node)? {
+            let Some(pid) = pod.entrypoint() else {
+                continue;
+            };
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).map_err(
+                |source| PodError::Signal {
+                    pid,
+                    signal,
+                    source,
+                },
+            )?;
+            done.push(format!("{} (pid {pid})", pod.name));
+        }
+        if done.is_empty() {
+            return Err(BedError::Invalid(format!(
+                "the pods on {node} have no running program"
+            )));
+        }
+        Ok(format!("{} sent to {}", signal.as_str(), done.join(", ")))
+    }
+
+    pub async fn oom_pods(&self, node: &str) -> Result<String, BedError> {
+        let mut done = Vec::new();
+        for pod in self.pods_on(node)? {
+            if let Some(cg) = &pod.cgroup {
+                cg.exceed_limit(Duration::from_secs(10)).await?;
+                done.push(pod.name.clone());
+            }
+        }
+        if done.is_empty() {
+            return Err(BedError::Invalid(format!(
+                "no pod on {node} has a memory limit (testbed run --memory-max, PodSpec::memory_max)"
+            )));
+        }
+        Ok(format!("OOM kill in {}", done.join(", ")))
+    }
+
+    pub async fn power_offs(&self) -> BTreeMap<String, Vec<SystemTime>> {
+        let mut out = BTreeMap::new();
+        for (name, logind) in &self.loginds {
+            out.insert(name.clone(), logind.read().await.power_offs());
+        }
+        out
+    }
+
+    pub async fn status(&self) -> String {
+        let proxy = self.api.proxy();
+        let mut lines = vec![format!(
+            "kube-apiserver {}; proxy {}, {} open connection(s)",
+            match self.api.pid() {
+                Some(pid) => format!("running (pid {pid})"),
+                None => "stopped".into(),
+            },
+            match proxy.frozen() {
+                Some(Freeze::All) => "frozen (all)",
+                Some(Freeze::Established) => "frozen (established)",
+                None => "forwarding",
+            },
+            proxy.open_connections()
+        )];
+        for (name, logind) in &self.loginds {
+            let l = logind.read().await;
+            lines.push(format!("{name}: {} (pid {})", l.describe(), l.pid()));
+        }
+        for pod in self.pods.records() {
+            let pid = pod
+                .entrypoint()
+                .map_or("not running".to_owned(), |p| format!("pid {p}"));
+            let limit = pod
+                .cgroup
+                .as_ref()
+                .map(|c| format!(", memory limit {} bytes ({:?})", c.limit(), c.mode()))
+                .unwrap_or_default();
+            lines.push(format!("pod {} on {}: {pid}{limit}", pod.name, pod.node));
+        }
+        // One answer line: the ctl protocol is line-based.
+        lines.join(" | ")
+    }
+}
+
 /// A running bed. Dropping it tears everything down by PID (also during a panic); prefer
 /// [`Bed::shutdown`] where the caller can await.
 pub struct Bed {
-    // Field order is drop order: simulators first, then logind, then the control plane.
+    // Field order is drop order: simulators first, then the loginds, then the control plane.
     ctl: Option<crate::ctl::CtlServer>,
+    ledger: Option<Ledger>,
     pub kubevirt: KubeVirtSim,
     pub kubelet: KubeletSim,
+    /// node-1's logind (also reachable through [`Bed::node`]).
     pub logind: Arc<RwLock<NodeLogind>>,
+    shared: Arc<BedShared>,
     pub control_plane: ControlPlane,
     client: Client,
     started_in: Duration,
@@ -213,56 +376,67 @@ impl Bed {
             )));
         }
         let began = Instant::now();
-        // The control plane and the logind container are independent; start both at once.
-        let (cp, logind) = tokio::join!(
+        let nodes = node_names(opts.nodes);
+        let with_logind = opts.loginds.pick(&nodes).map_err(BedError::Invalid)?;
+        // The control plane and the logind nodes are independent; start them all at once.
+        let (cp, loginds) = tokio::join!(
             ControlPlane::start(opts.control_plane.clone()),
-            start_logind(&opts)
+            start_loginds(&opts, &with_logind)
         );
         let control_plane = cp?;
-        let logind = logind?;
+        let loginds = loginds?;
         let client = control_plane.client().await?;
 
-        let nodes = node_names(opts.nodes);
-        let configs = nodes
-            .iter()
-            .map(|name| {
-                let mut node = NodeConfig::new(name.clone());
-                // A real kubelet reports the kernel's boot ID; node-1's is its container boot's.
-                if name == NODE {
-                    node.boot_id = logind.boot_id();
-                }
-                node
-            })
-            .collect();
+        let mut configs = Vec::new();
+        for name in &nodes {
+            let mut node = NodeConfig::new(name.clone());
+            // A real kubelet reports the kernel's boot ID; a logind node's is its boot's.
+            if let Some(l) = loginds.get(name) {
+                node.boot_id = l.read().await.boot_id();
+            }
+            configs.push(node);
+        }
         let kubelet = KubeletSim::spawn(client.clone(), configs).await?;
         let kubevirt =
             KubeVirtSim::spawn(client.clone(), kubelet.workloads(), opts.kubevirt.clone()).await?;
+        // Before any VMI exists, so the ledger sees each from its creation.
+        let ledger = Ledger::start(client.clone()).await;
         if opts.vms.total() > 0 {
             kubevirt.create_vmis(VM_NAMESPACE, NODE, &opts.vms).await?;
         }
-        let mut bed = Self {
-            ctl: None,
+        let node1 = loginds
+            .get(NODE)
+            .cloned()
+            .ok_or_else(|| BedError::Invalid("node-1 always runs a logind".into()))?;
+        let shared = Arc::new(BedShared {
+            loginds,
+            pods: PodRegistry::default(),
+            api: control_plane.api_control(),
+        });
+        let ctl = crate::ctl::CtlServer::start(control_plane.dir(), &shared, &with_logind)?;
+        Ok(Self {
+            ctl: Some(ctl),
+            ledger: Some(ledger),
             kubevirt,
             kubelet,
-            logind: Arc::new(RwLock::new(logind)),
+            logind: node1,
+            shared,
             control_plane,
             client,
             started_in: began.elapsed(),
             nodes,
-        };
-        bed.ctl = Some(crate::ctl::CtlServer::start(
-            bed.control_plane.dir(),
-            &bed.logind,
-        )?);
-        Ok(bed)
+        })
     }
 
+    /// A client straight to kube-apiserver (not through the proxy: faults do not reach it).
     pub fn client(&self) -> Client {
         self.client.clone()
     }
 
+    /// The admin kubeconfig pods get, through the API proxy (so proxy faults reach whoever
+    /// uses it). [`ControlPlane::kubeconfig_path`] goes straight to kube-apiserver.
     pub fn kubeconfig_path(&self) -> &Path {
-        self.control_plane.kubeconfig_path()
+        self.control_plane.client_kubeconfig_path()
     }
 
     pub fn started_in(&self) -> Duration {
@@ -273,18 +447,164 @@ impl Bed {
         &self.nodes
     }
 
+    /// The nodes that run a logind, in order.
+    pub fn logind_nodes(&self) -> Vec<String> {
+        self.shared.loginds.keys().cloned().collect()
+    }
+
     pub fn kubectl_path() -> PathBuf {
         crate::paths::bin_dir().join("kubectl")
     }
 
-    /// The variables a pod on node-1 gets (`DBUS_SYSTEM_BUS_ADDRESS` comes from the logind's
-    /// pod command itself).
-    pub fn pod_env(&self) -> Vec<(String, String)> {
-        let ctl = self
-            .ctl
+    /// The bed's ctl port (`TESTBED_CTL_PORT`, what `testbed fault` talks to).
+    pub fn ctl_port(&self) -> u16 {
+        self.ctl().port()
+    }
+
+    fn ctl(&self) -> &crate::ctl::CtlServer {
+        self.ctl
             .as_ref()
-            .expect("ctl server runs while the bed does");
-        let script = |verb: &str| ctl.script(verb).display().to_string();
+            .expect("ctl server runs while the bed does")
+    }
+
+    /// One node's handle; fails for a node without a logind.
+    pub fn node(&self, name: &str) -> Result<BedNode<'_>, BedError> {
+        Ok(BedNode {
+            bed: self,
+            name: name.to_owned(),
+            logind: self.shared.logind(name)?.clone(),
+        })
+    }
+
+    fn node1(&self) -> BedNode<'_> {
+        BedNode {
+            bed: self,
+            name: NODE.to_owned(),
+            logind: self.logind.clone(),
+        }
+    }
+
+    /// The variables a pod on node-1 gets (see [`BedNode::pod_env`]).
+    pub fn pod_env(&self) -> Vec<(String, String)> {
+        self.node1().pod_env()
+    }
+
+    /// A command that runs `program` as a pod on node-1 runs (see
+    /// [`crate::logind::LogindNode::pod_command`]), with [`Bed::pod_env`] set. The caller
+    /// spawns it; [`Bed::spawn_pod`] also keeps track of it.
+    pub async fn pod_command(&self, program: &str, args: &[&str]) -> tokio::process::Command {
+        self.node1().pod_command(program, args).await
+    }
+
+    /// Starts `spec` as a pod on node-1 (see [`BedNode::spawn_pod`]).
+    pub async fn spawn_pod(&self, spec: PodSpec) -> Result<Pod, BedError> {
+        self.node1().spawn_pod(spec).await
+    }
+
+    /// Starts node-1's power-off, as an administrator would.
+    pub async fn poweroff(&self) -> Result<(), BedError> {
+        self.node1().poweroff().await
+    }
+
+    /// When node-1 powered off (systemd reached `Shutting down.`; elogind ran its power command).
+    pub async fn wait_poweroff(&self, timeout: Duration) -> Result<SystemTime, BedError> {
+        self.node1().wait_poweroff(timeout).await
+    }
+
+    pub async fn list_inhibitors(&self) -> Result<Vec<Inhibitor>, BedError> {
+        self.node1().list_inhibitors().await
+    }
+
+    /// Watches node-1's logind until no lock of `who` is held any more (see
+    /// [`BedNode::observe_release`]).
+    pub async fn observe_release(&self, who: &str, timeout: Duration) -> Option<Release> {
+        self.node1().observe_release(who, timeout).await
+    }
+
+    /// Arms a watch for the release of `who`'s lock on node-1 (see [`ReleaseWatch`]).
+    pub async fn watch_release(&self, who: &str, timeout: Duration) -> ReleaseWatch {
+        self.node1().watch_release(who, timeout).await
+    }
+
+    /// Reboots node-1 (systemd only) and boots it again with a new boot ID, which the kubelet
+    /// simulator then reports as a restarted kubelet would.
+    pub async fn reboot_node(&mut self, timeout: Duration) -> Result<NodeExit, BedError> {
+        self.node1().reboot(timeout).await
+    }
+
+    /// kube-apiserver's and the API proxy's controls: [`ApiServerControl::stop`] / `start`,
+    /// `freeze(Freeze::All | Freeze::Established)` / `thaw`, `reset`.
+    pub fn api(&self) -> ApiServerControl {
+        self.shared.api.clone()
+    }
+
+    /// The fate of every VMI so far (see [`crate::ledger`]).
+    pub async fn ledger(&self) -> LedgerReport {
+        let entries = crate::timeline::audit_entries(&self.control_plane);
+        let power_offs = self.shared.power_offs().await;
+        match &self.ledger {
+            Some(l) => l.report(&entries, &power_offs),
+            None => LedgerReport::default(),
+        }
+    }
+
+    /// Tears down in order and reports what could not be removed.
+    pub async fn shutdown(mut self) -> Result<(), BedError> {
+        self.ctl.take();
+        self.ledger.take();
+        let Bed {
+            kubevirt,
+            kubelet,
+            logind,
+            shared,
+            control_plane,
+            ..
+        } = self;
+        kubevirt.shutdown().await?;
+        drop(kubelet);
+        drop(logind);
+        drop(shared);
+        control_plane.shutdown().await?;
+        Ok(())
+    }
+}
+
+/// One node of a running bed that runs a logind.
+pub struct BedNode<'a> {
+    bed: &'a Bed,
+    name: String,
+    logind: Arc<RwLock<NodeLogind>>,
+}
+
+impl BedNode<'_> {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The node's logind (lock it to reach systemd-only operations).
+    pub fn logind(&self) -> &Arc<RwLock<NodeLogind>> {
+        &self.logind
+    }
+
+    pub async fn bus_address(&self) -> String {
+        self.logind.read().await.bus_address()
+    }
+
+    pub async fn pod_bus_address(&self) -> String {
+        self.logind.read().await.pod_bus_address()
+    }
+
+    pub async fn boot_id(&self) -> String {
+        self.logind.read().await.boot_id()
+    }
+
+    /// The variables a pod on this node gets besides `DBUS_SYSTEM_BUS_ADDRESS` (which the pod
+    /// command sets): `KUBECONFIG` (through the API proxy), `TESTBED_NODE`, `TESTBED_POWEROFF`,
+    /// `TESTBED_REBOOT`, `TESTBED_WAIT_POWEROFF` (this node's), `TESTBED_CTL` (any ctl request
+    /// as arguments), `TESTBED_CTL_PORT`, and `PATH` with the bed's `kubectl`.
+    pub fn pod_env(&self) -> Vec<(String, String)> {
+        let ctl = self.bed.ctl();
+        let script = |verb: &str| ctl.node_script(&self.name, verb).display().to_string();
         let path = format!(
             "{}:{}",
             crate::paths::bin_dir().display(),
@@ -293,90 +613,111 @@ impl Bed {
         vec![
             (
                 "KUBECONFIG".into(),
-                self.kubeconfig_path().display().to_string(),
+                self.bed.kubeconfig_path().display().to_string(),
             ),
-            ("TESTBED_NODE".into(), NODE.into()),
+            ("TESTBED_NODE".into(), self.name.clone()),
             ("TESTBED_POWEROFF".into(), script("poweroff")),
             ("TESTBED_REBOOT".into(), script("reboot")),
             ("TESTBED_WAIT_POWEROFF".into(), script("wait-poweroff")),
+            ("TESTBED_CTL".into(), ctl.ctl_script().display().to_string()),
             ("TESTBED_CTL_PORT".into(), ctl.port().to_string()),
             ("PATH".into(), path),
         ]
     }
 
-    /// A command that runs `program` as a pod on node-1 runs (see [`LogindNode::pod_command`]),
-    /// with [`Bed::pod_env`] set.
+    /// A command that runs `program` as a pod on this node, with [`pod_env`](Self::pod_env).
     pub async fn pod_command(&self, program: &str, args: &[&str]) -> tokio::process::Command {
         let mut cmd = self.logind.read().await.pod_command(program, args);
         cmd.envs(self.pod_env());
         cmd
     }
 
-    /// Starts node-1's power-off, as an administrator would.
+    /// Starts `spec` as a pod on this node and keeps track of it, so faults can name it
+    /// (`testbed fault kill NODE`); dropping the [`Pod`] kills it.
+    pub async fn spawn_pod(&self, spec: PodSpec) -> Result<Pod, BedError> {
+        let args: Vec<&str> = spec.args.iter().map(String::as_str).collect();
+        let cmd = self.pod_command(&spec.program, &args).await;
+        Ok(Pod::spawn(cmd, &spec, &self.name, &self.bed.shared.pods)?)
+    }
+
     pub async fn poweroff(&self) -> Result<(), BedError> {
         Ok(self.logind.read().await.poweroff().await?)
     }
 
-    /// When node-1 powered off (systemd reached `Shutting down.`; elogind ran its power command).
     pub async fn wait_poweroff(&self, timeout: Duration) -> Result<SystemTime, BedError> {
         Ok(self.logind.read().await.wait_poweroff(timeout).await?)
+    }
+
+    /// Reboots the node (systemd only), boots it again with a new boot ID and has the kubelet
+    /// simulator report that ID.
+    pub async fn reboot(&self, timeout: Duration) -> Result<NodeExit, BedError> {
+        let mut logind = self.logind.write().await;
+        let node = logind.systemd().ok_or_else(|| {
+            BedError::Unsupported(format!(
+                "reboot of {}: it runs elogind; use a systemd node",
+                self.name
+            ))
+        })?;
+        let exit = node.reboot_and_wait(timeout).await?;
+        let boot_id = crate::logind::LogindNode::boot_id(node);
+        drop(logind);
+        self.bed.kubelet.set_boot_id(&self.name, &boot_id).await?;
+        Ok(exit)
     }
 
     pub async fn list_inhibitors(&self) -> Result<Vec<Inhibitor>, BedError> {
         Ok(self.logind.read().await.list_inhibitors().await?)
     }
 
-    /// Watches logind's inhibitor list from logind's side until no lock of `who` is listed any
-    /// more (or logind is gone with the node), polling every 5 ms for at most `timeout`.
-    /// logind announces no inhibitor changes on the bus, so polling is the only outside view;
-    /// the release happened between the two moments returned.
+    pub async fn set_inhibit_delay_max(&self, secs: u64) -> Result<Duration, BedError> {
+        Ok(self.logind.read().await.set_inhibit_delay_max(secs).await?)
+    }
+
+    pub async fn inhibit_delay_max(&self) -> Result<Duration, BedError> {
+        Ok(self.logind.read().await.inhibit_delay_max().await?)
+    }
+
+    /// Arms a watch for the release of `who`'s lock (see [`ReleaseWatch`]); arm it before
+    /// the release can happen.
+    pub async fn watch_release(&self, who: &str, timeout: Duration) -> ReleaseWatch {
+        self.logind.read().await.watch_release(who, timeout)
+    }
+
+    /// Watches the node's logind until no lock of `who` is held any more (or logind is gone
+    /// with the node), for at most `timeout`: logind's inhibitor state file every 0.5 ms,
+    /// `ListInhibitors` every 2 ms where there is none. The release happened between the two
+    /// moments returned.
     pub async fn observe_release(&self, who: &str, timeout: Duration) -> Option<Release> {
-        let end = Instant::now() + timeout;
-        let mut last_held = SystemTime::now();
-        while Instant::now() < end {
-            let asked = SystemTime::now();
-            match self.list_inhibitors().await {
-                Ok(list) if list.iter().any(|i| i.who == who) => last_held = asked,
-                _ => {
-                    return Some(Release {
-                        last_held,
-                        gone: SystemTime::now(),
-                    });
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        None
+        self.watch_release(who, timeout).await.wait().await
     }
 
-    /// Reboots node-1 (systemd only) and boots it again with a new boot ID, which the kubelet
-    /// simulator then reports as a restarted kubelet would.
-    pub async fn reboot_node(&mut self, timeout: Duration) -> Result<NodeExit, BedError> {
-        let mut logind = self.logind.write().await;
-        let node = logind
-            .systemd()
-            .ok_or_else(|| BedError::Invalid("reboot needs --logind systemd".into()))?;
-        let exit = node.reboot_and_wait(timeout).await?;
-        let boot_id = node.boot_id();
-        drop(logind);
-        self.kubelet.set_boot_id(NODE, &boot_id).await?;
-        Ok(exit)
+    /// Restarts logind (systemd: `systemctl restart systemd-logind`; elogind: stopped and
+    /// started again) and returns once it is on the bus.
+    pub async fn restart_logind(&self) -> Result<(), BedError> {
+        self.bed.shared.restart_logind(&self.name).await
     }
 
-    /// Tears down in order and reports what could not be removed.
-    pub async fn shutdown(mut self) -> Result<(), BedError> {
-        self.ctl.take();
-        let Bed {
-            kubevirt,
-            kubelet,
-            logind,
-            control_plane,
-            ..
-        } = self;
-        kubevirt.shutdown().await?;
-        drop(kubelet);
-        drop(logind);
-        control_plane.shutdown().await?;
-        Ok(())
+    /// Restarts the node's system bus and logind with it.
+    pub async fn restart_bus(&self) -> Result<(), BedError> {
+        self.bed.shared.restart_bus(&self.name).await
+    }
+
+    /// Masks a unit until the node's next boot (systemd only; e.g. `poweroff.target`).
+    pub async fn mask_unit(&self, unit: &str) -> Result<(), BedError> {
+        self.bed.shared.mask_unit(&self.name, unit, true).await
+    }
+
+    pub async fn unmask_unit(&self, unit: &str) -> Result<(), BedError> {
+        self.bed.shared.mask_unit(&self.name, unit, false).await
+    }
+
+    /// Every moment this node powered off or rebooted so far.
+    pub async fn power_offs(&self) -> Vec<SystemTime> {
+        self.logind.read().await.power_offs()
+    }
+
+    /// Signals the program of every pod the bed started on this node.
+    pub async fn kill_pods(&self, signal: Signal) -> Result<String, BedError> {
+        self.bed.shared.kill_pods(&self.name, signal).await
     }
 }

@@ -15,8 +15,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -203,63 +201,6 @@ impl DrainRun {
 
 // ---------------------------------------------------------------------------------------------
 // Observers from outside the agent
-
-/// Polls for the inhibitor's state file, which logind writes under `/run/systemd/inhibit/<id>`
-/// while the lock is held and unlinks when it reads EOF on the lock's FIFO
-/// (systemd `src/login/logind-inhibit.c`, `inhibitor_stop`). A `stat` every 0.5 ms costs the
-/// machine next to nothing, unlike a D-Bus `ListInhibitors` round trip through dbus-daemon and
-/// logind at that rate, which would compete with the agent for the two cores.
-struct StateFileWatch {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Option<SystemTime>>,
-}
-
-impl StateFileWatch {
-    /// Finds the state file of `who`'s lock under logind's root (`/proc/<pid>/root`).
-    fn find(root: &Path, who: &str) -> Option<PathBuf> {
-        let dir = root.join("run/systemd/inhibit");
-        let entries = std::fs::read_dir(&dir).ok()?;
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.extension().is_some_and(|x| x == "ref") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            if text.lines().any(|l| l == format!("WHO={who}")) {
-                return Some(path);
-            }
-        }
-        None
-    }
-
-    fn start(path: PathBuf, timeout: Duration) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let end = Instant::now() + timeout;
-            while Instant::now() < end && !flag.load(Ordering::Relaxed) {
-                if std::fs::symlink_metadata(&path).is_err() {
-                    return Some(SystemTime::now());
-                }
-                std::thread::sleep(Duration::from_micros(500));
-            }
-            None
-        });
-        Self { stop, thread }
-    }
-
-    async fn wait(self) -> Option<SystemTime> {
-        let thread = self.thread;
-        tokio::task::spawn_blocking(move || thread.join().ok().flatten())
-            .await
-            .ok()
-            .flatten()
-    }
-
-    fn cancel(self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
 
 /// Watches the agent's end of the lock: the descriptor in `/proc/<agent>/fd` that points at
 /// logind's FIFO (`/run/systemd/inhibit/<id>.ref`), polled every 0.5 ms until it is closed. This
@@ -566,6 +507,7 @@ async fn start_bed(logind: LogindKind, s: &Settings) -> Result<Bed> {
         inhibit_delay_max_secs: Some(600),
         kubevirt: s.kubevirt(),
         control_plane: ControlPlaneOptions::default(),
+        ..BedOptions::default()
     })
     .await
     .context("starting the bed")
@@ -661,14 +603,6 @@ async fn wait_departed(recorder: &Recorder, namespace: &str, n: usize, timeout: 
     false
 }
 
-fn logind_root(logind: &NodeLogind) -> PathBuf {
-    let pid = match logind {
-        NodeLogind::Systemd(n) => n.pid(),
-        NodeLogind::Elogind(e) => e.pid(),
-    };
-    PathBuf::from(format!("/proc/{pid}/root"))
-}
-
 /// The agent running as a pod on node-1 with its own credentials.
 pub struct AgentPod {
     child: tokio::process::Child,
@@ -742,47 +676,6 @@ impl AgentPod {
 
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
-    }
-}
-
-/// The release as logind sees it: its state file for the lock vanishing, or, if the file cannot
-/// be found (an unexpected logind layout), `ListInhibitors` polled every 2 ms on a connection of
-/// its own. Neither borrows the bed, so a reboot can run alongside.
-enum ReleaseObserver {
-    StateFile(StateFileWatch),
-    Poll { bus: String, timeout: Duration },
-}
-
-impl ReleaseObserver {
-    async fn arm(bed: &Bed, timeout: Duration) -> Self {
-        let logind = bed.logind.read().await;
-        match StateFileWatch::find(&logind_root(&logind), WHO) {
-            Some(path) => ReleaseObserver::StateFile(StateFileWatch::start(path, timeout)),
-            None => ReleaseObserver::Poll {
-                bus: logind.bus_address(),
-                timeout,
-            },
-        }
-    }
-
-    fn method(&self) -> &'static str {
-        match self {
-            ReleaseObserver::StateFile(_) => "logind's inhibitor state file (stat every 0.5 ms)",
-            ReleaseObserver::Poll { .. } => "ListInhibitors (every 2 ms)",
-        }
-    }
-
-    async fn wait(self) -> Option<SystemTime> {
-        match self {
-            ReleaseObserver::StateFile(w) => w.wait().await,
-            ReleaseObserver::Poll { bus, timeout } => poll_inhibitors(&bus, timeout).await,
-        }
-    }
-
-    fn cancel(self) {
-        if let ReleaseObserver::StateFile(w) = self {
-            w.cancel();
-        }
     }
 }
 
@@ -894,8 +787,9 @@ async fn drain_with_agent(
     agent.wait_lock(bed, Duration::from_secs(30)).await?;
     let bus = bed.logind.read().await.bus_address();
     let signal = subscribe_prepare_for_shutdown(&bus).await?;
-    let observer = ReleaseObserver::arm(bed, limit).await;
-    let method = observer.method();
+    // logind's inhibitor state file every 0.5 ms (ListInhibitors every 2 ms where it has none).
+    let observer = bed.watch_release(WHO, limit).await;
+    let method = observer.method().describe();
     let requested = SystemTime::now();
     match trigger {
         Trigger::PowerOff => bed
@@ -903,7 +797,7 @@ async fn drain_with_agent(
             .await
             .context("starting node-1's power-off")?,
     }
-    let Some(released) = observer.wait().await else {
+    let Some(released) = observer.wait().await.map(|r| r.gone) else {
         bail!(
             "the lock was still held after {limit:?}; agent log:\n{}",
             agent.log_tail()
@@ -1206,8 +1100,9 @@ async fn latency_once(
     let fd_watch = agent.pid().and_then(|pid| watch_agent_fd(pid, limit));
     let bus = bed.logind.read().await.bus_address();
     let signal = subscribe_prepare_for_shutdown(&bus).await?;
-    let observer = ReleaseObserver::arm(bed, limit).await;
-    let method = observer.method();
+    // logind's inhibitor state file every 0.5 ms (ListInhibitors every 2 ms where it has none).
+    let observer = bed.watch_release(WHO, limit).await;
+    let method = observer.method().describe();
     let poll = async {
         if cross_check {
             poll_inhibitors(&bus, limit).await
@@ -1219,13 +1114,14 @@ async fn latency_once(
         let (released, polled, rebooted) =
             tokio::join!(observer.wait(), poll, bed.reboot_node(limit));
         rebooted.context("rebooting node-1")?;
-        (released, polled)
+        (released.map(|r| r.gone), polled)
     } else {
         if let Err(e) = bed.poweroff().await {
             observer.cancel();
             return Err(e).context("starting node-1's power-off");
         }
-        tokio::join!(observer.wait(), poll)
+        let (released, polled) = tokio::join!(observer.wait(), poll);
+        (released.map(|r| r.gone), polled)
     };
     let released = released.with_context(|| {
         format!(

@@ -12,13 +12,20 @@
 //!   keeps Leases and Ready conditions fresh);
 //! - the scheduler places DaemonSet and Deployment pods.
 //!
+//! Clients other than the control plane's own components reach the API server through a
+//! loopback proxy ([`crate::apiproxy`]) that can freeze or reset their connections, and
+//! kube-apiserver itself can be stopped and started again on the same port and etcd
+//! ([`ApiServerControl`]): the faults an agent meets when its API server goes away.
+//!
 //! Every process is a [`ManagedChild`], so dropping the [`ControlPlane`] (also during a panic)
 //! stops them by PID and removes the temporary folder.
 
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -28,6 +35,7 @@ use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
+use crate::apiproxy::{ApiProxy, Freeze, ProxyControl};
 use crate::pki::{Ca, KeyPairPem, PkiError, SigningKeyPem};
 use crate::process::{ManagedChild, ProcessError, pid_exists, rss_kib};
 
@@ -96,6 +104,8 @@ pub enum ControlPlaneError {
     },
     #[error("after shutdown, still present: {0}")]
     Leftovers(String),
+    #[error("kube-apiserver is {0}")]
+    ApiServerState(&'static str),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlPlaneError {
@@ -217,10 +227,15 @@ pub struct ControlPlane {
     server_url: String,
     etcd_url: String,
     kubeconfig: PathBuf,
+    /// The admin's kubeconfig through the proxy, for pods.
+    client_kubeconfig: PathBuf,
     audit_log: PathBuf,
     bin_dir: PathBuf,
-    /// In start order; stopped in reverse.
+    /// etcd, kube-controller-manager, kube-scheduler, in start order; stopped in reverse.
     children: Vec<ManagedChild>,
+    /// Set once started; kept apart from `children` because a test may stop and start it.
+    apiserver: Option<Arc<ApiServerProcess>>,
+    proxy: Option<ApiProxy>,
     started_in: Duration,
 }
 
@@ -310,9 +325,12 @@ impl ControlPlane {
             server_url,
             etcd_url,
             kubeconfig: d.join("admin.kubeconfig"),
+            client_kubeconfig: d.join("admin-via-proxy.kubeconfig"),
             audit_log: d.join("audit.log"),
             bin_dir: opts.bin_dir.clone(),
             children: Vec::new(),
+            apiserver: None,
+            proxy: None,
             started_in: Duration::ZERO,
         };
 
@@ -375,27 +393,44 @@ impl ControlPlane {
             .args(["--audit-log-mode=blocking", "--audit-log-maxsize=0"])
             .arg("--profiling=false")
             .args(&opts.extra_apiserver_args);
-        plane.spawn("kube-apiserver", apiserver, &logs)?;
+        let process = Arc::new(ApiServerProcess {
+            program: apiserver.get_program().to_owned(),
+            args: apiserver.get_args().map(ToOwned::to_owned).collect(),
+            log: logs.join("kube-apiserver.log"),
+            child: Mutex::new(None),
+        });
+        process.spawn()?;
+        plane.apiserver = Some(process);
 
         // Start-up credentials; a kubeconfig per component, each with its own identity so RBAC's
         // bootstrap roles (system:kube-controller-manager, system:kube-scheduler) apply.
-        let admin = plane
-            .ca
-            .issue_client("kubernetes-admin", &["system:masters"])?;
+        let admin = Credentials::ClientCert(
+            plane
+                .ca
+                .issue_client("kubernetes-admin", &["system:masters"])?,
+        );
         plane.write_kubeconfig_at(
             &plane.kubeconfig,
             "kubernetes-admin",
-            &Credentials::ClientCert(admin),
+            &admin,
+            &plane.server_url,
         )?;
         plane.wait_readyz(opts.start_timeout).await?;
         tracing::debug!(took = ?began.elapsed(), "kube-apiserver ready");
+        let proxy = ApiProxy::start(SocketAddr::from((localhost, apiserver_port)))
+            .await
+            .map_err(io_err("cannot start the API proxy"))?;
+        plane.proxy = Some(proxy);
+        plane.write_kubeconfig_at(
+            &plane.client_kubeconfig,
+            "kubernetes-admin",
+            &admin,
+            &plane.client_url(),
+        )?;
 
         if opts.controller_manager {
-            let kubeconfig = plane.user_kubeconfig(
-                "controller-manager",
-                "system:kube-controller-manager",
-                &[],
-            )?;
+            let kubeconfig = plane
+                .component_kubeconfig("controller-manager", "system:kube-controller-manager")?;
             let mut kcm = Command::new(kcm_bin);
             kcm.arg(format!("--kubeconfig={}", kubeconfig.display()))
                 .arg(format!(
@@ -420,7 +455,7 @@ impl ControlPlane {
             plane.spawn("kube-controller-manager", kcm, &logs)?;
         }
         if opts.scheduler {
-            let kubeconfig = plane.user_kubeconfig("scheduler", "system:kube-scheduler", &[])?;
+            let kubeconfig = plane.component_kubeconfig("scheduler", "system:kube-scheduler")?;
             let mut scheduler = Command::new(scheduler_bin);
             scheduler
                 .arg(format!("--kubeconfig={}", kubeconfig.display()))
@@ -447,14 +482,37 @@ impl ControlPlane {
         Ok(plane)
     }
 
-    /// The admin kubeconfig (client certificate in group `system:masters`).
+    /// The admin kubeconfig (client certificate in group `system:masters`), straight to
+    /// kube-apiserver: what the bed and its simulators use, unaffected by proxy faults.
     pub fn kubeconfig_path(&self) -> &Path {
         &self.kubeconfig
     }
 
-    /// `https://127.0.0.1:<port>`.
+    /// The admin kubeconfig through the API proxy: what pods get, so proxy faults reach them.
+    pub fn client_kubeconfig_path(&self) -> &Path {
+        &self.client_kubeconfig
+    }
+
+    /// kube-apiserver's own address, `https://127.0.0.1:<port>`.
     pub fn server_url(&self) -> &str {
         &self.server_url
+    }
+
+    /// The address clients under test use: the API proxy's `https://127.0.0.1:<port>`.
+    pub fn client_url(&self) -> String {
+        self.proxy
+            .as_ref()
+            .map(ApiProxy::url)
+            .unwrap_or_else(|| self.server_url.clone())
+    }
+
+    /// Stops and starts kube-apiserver, freezes or resets client connections.
+    pub fn api_control(&self) -> ApiServerControl {
+        ApiServerControl {
+            process: self.apiserver.clone().expect("kube-apiserver started"),
+            proxy: self.proxy.as_ref().expect("API proxy started").control(),
+            kubeconfig: self.kubeconfig.clone(),
+        }
     }
 
     /// etcd's client URL (`http://127.0.0.1:<port>`).
@@ -513,19 +571,24 @@ impl ControlPlane {
         self.started_in
     }
 
-    /// `(component, pid)` for every process of the plane, in start order.
+    /// `(component, pid)` for every running process of the plane, in start order.
     pub fn pids(&self) -> Vec<(String, u32)> {
-        self.children
+        let mut out: Vec<(String, u32)> = self
+            .children
             .iter()
             .map(|c| (c.name().to_string(), c.pid()))
-            .collect()
+            .collect();
+        if let Some(pid) = self.apiserver.as_ref().and_then(|a| a.pid()) {
+            out.insert(out.len().min(1), ("kube-apiserver".into(), pid));
+        }
+        out
     }
 
     /// Resident memory of each running component in KiB, in start order.
     pub fn rss_kib(&self) -> Vec<(String, u64)> {
-        self.children
-            .iter()
-            .filter_map(|c| Some((c.name().to_string(), rss_kib(c.pid())?)))
+        self.pids()
+            .into_iter()
+            .filter_map(|(name, pid)| Some((name, rss_kib(pid)?)))
             .collect()
     }
 
@@ -540,7 +603,8 @@ impl ControlPlane {
         client_from_kubeconfig(&self.kubeconfig).await
     }
 
-    /// Writes `<dir>/<file_stem>.kubeconfig` for this API server with `credentials`; the CA and
+    /// Writes `<dir>/<file_stem>.kubeconfig` with `credentials` for the API server as clients
+    /// under test reach it (through the proxy, [`client_url`](Self::client_url)); the CA and
     /// credentials are embedded, so the file works from any mount namespace.
     pub fn write_kubeconfig(
         &self,
@@ -549,7 +613,24 @@ impl ControlPlane {
         credentials: &Credentials,
     ) -> Result<PathBuf, ControlPlaneError> {
         let path = self.dir_path.join(format!("{file_stem}.kubeconfig"));
-        self.write_kubeconfig_at(&path, user, credentials)?;
+        self.write_kubeconfig_at(&path, user, credentials, &self.client_url())?;
+        Ok(path)
+    }
+
+    /// A kubeconfig for one of the plane's own components, straight to kube-apiserver.
+    fn component_kubeconfig(
+        &self,
+        file_stem: &str,
+        common_name: &str,
+    ) -> Result<PathBuf, ControlPlaneError> {
+        let cert = self.ca.issue_client(common_name, &[])?;
+        let path = self.dir_path.join(format!("{file_stem}.kubeconfig"));
+        self.write_kubeconfig_at(
+            &path,
+            common_name,
+            &Credentials::ClientCert(cert),
+            &self.server_url,
+        )?;
         Ok(path)
     }
 
@@ -638,7 +719,7 @@ impl ControlPlane {
     /// Stops every process (scheduler and controller manager first, etcd last), then removes
     /// the folder unless kept, and checks that none of the PIDs and not the folder remain.
     pub async fn shutdown(self) -> Result<(), ControlPlaneError> {
-        let pids: Vec<u32> = self.children.iter().map(ManagedChild::pid).collect();
+        let pids: Vec<u32> = self.pids().into_iter().map(|(_, p)| p).collect();
         let dir = self.dir_path.clone();
         let keep = self.keep_dir;
         tokio::task::spawn_blocking(move || drop(self))
@@ -659,27 +740,8 @@ impl ControlPlane {
         }
     }
 
-    fn spawn(
-        &mut self,
-        name: &str,
-        mut cmd: Command,
-        logs: &Path,
-    ) -> Result<(), ControlPlaneError> {
-        // Loopback only: a proxy from the environment must not see webhook or API calls.
-        for var in [
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "ALL_PROXY",
-            "http_proxy",
-            "https_proxy",
-            "all_proxy",
-        ] {
-            cmd.env_remove(var);
-        }
-        let mut child = ManagedChild::spawn(name, cmd, logs.join(format!("{name}.log")))?;
-        // These components stop within a second or two of SIGTERM; a hung one should not hold up
-        // a test's teardown for long.
-        child.set_term_grace(Duration::from_secs(3));
+    fn spawn(&mut self, name: &str, cmd: Command, logs: &Path) -> Result<(), ControlPlaneError> {
+        let child = spawn_component(name, cmd, &logs.join(format!("{name}.log")))?;
         self.children.push(child);
         Ok(())
     }
@@ -689,6 +751,7 @@ impl ControlPlane {
         path: &Path,
         user: &str,
         credentials: &Credentials,
+        server: &str,
     ) -> Result<(), ControlPlaneError> {
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
         let mut user_fields = String::new();
@@ -723,7 +786,6 @@ users:
       user: {user:?}
 current-context: testbed
 ",
-            server = self.server_url,
             ca = b64(self.ca.cert_pem()),
         );
         write_private(path, &text)
@@ -754,28 +816,8 @@ current-context: testbed
     }
 
     async fn wait_readyz(&mut self, timeout: Duration) -> Result<(), ControlPlaneError> {
-        let began = Instant::now();
-        let mut config = self.config().await?;
-        config.default_retry = false;
-        let client = Client::try_from(config).map_err(ControlPlaneError::Client)?;
-        loop {
-            let request = http::Request::get("/readyz")
-                .body(Vec::new())
-                .expect("static request is valid");
-            let last = match client.request_text(request).await {
-                Ok(_) => return Ok(()),
-                Err(e) => e.to_string(),
-            };
-            self.check_alive()?;
-            if began.elapsed() > timeout {
-                return Err(ControlPlaneError::NotReady {
-                    what: "kube-apiserver /readyz".into(),
-                    waited: began.elapsed(),
-                    last,
-                });
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        let kubeconfig = self.kubeconfig.clone();
+        wait_readyz(&kubeconfig, timeout, || self.check_alive()).await
     }
 
     async fn wait_service_account(
@@ -792,43 +834,48 @@ current-context: testbed
     /// wait run into its timeout.
     fn check_alive(&mut self) -> Result<(), ControlPlaneError> {
         for child in &mut self.children {
-            if let Some(status) = child.try_wait()? {
-                return Err(ControlPlaneError::Exited {
-                    name: child.name().to_string(),
-                    status: status.to_string(),
-                    log: child.log_path().to_path_buf(),
-                    tail: log_tail(child.log_path(), 30),
-                });
-            }
+            check_child(child)?;
+        }
+        if let Some(api) = &self.apiserver {
+            api.check_alive()?;
         }
         Ok(())
     }
 
     fn teardown(&mut self) {
-        if self.children.is_empty() && self.dir.is_none() {
+        if self.children.is_empty() && self.apiserver.is_none() && self.dir.is_none() {
             return;
         }
         if std::thread::panicking() {
-            for child in &self.children {
+            for (name, pid) in self.pids() {
+                let log = self.logs_dir().join(format!("{name}.log"));
                 eprintln!(
-                    "---- {} (pid {}) {} ----\n{}",
-                    child.name(),
-                    child.pid(),
-                    child.log_path().display(),
-                    log_tail(child.log_path(), 15)
+                    "---- {name} (pid {pid}) {} ----\n{}",
+                    log.display(),
+                    log_tail(&log, 15)
                 );
             }
         }
+        self.proxy.take();
         // Clients of the API server go first so they do not spend the API server's shutdown
         // retrying; etcd goes last so the API server can finish its requests.
         for child in self.children.iter().skip(1) {
             child.terminate();
         }
-        while let Some(mut child) = self.children.pop() {
-            if self.children.is_empty() {
-                child.terminate();
+        if let Some(api) = &self.apiserver {
+            api.terminate();
+        }
+        while self.children.len() > 1 {
+            if let Some(mut child) = self.children.pop() {
+                child.kill();
             }
-            child.kill();
+        }
+        if let Some(api) = self.apiserver.take() {
+            api.kill();
+        }
+        if let Some(mut etcd) = self.children.pop() {
+            etcd.terminate();
+            etcd.kill();
         }
         if let Some(dir) = self.dir.take() {
             if self.keep_dir {
@@ -844,6 +891,198 @@ current-context: testbed
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.teardown();
+    }
+}
+
+/// kube-apiserver as a process that can be stopped and started again with the same flags (same
+/// port, certificates, etcd and audit log).
+struct ApiServerProcess {
+    program: OsString,
+    args: Vec<OsString>,
+    log: PathBuf,
+    child: Mutex<Option<ManagedChild>>,
+}
+
+impl ApiServerProcess {
+    fn spawn(&self) -> Result<(), ControlPlaneError> {
+        let mut child = self.child.lock().expect("apiserver lock");
+        if child.as_mut().is_some_and(ManagedChild::is_running) {
+            return Err(ControlPlaneError::ApiServerState("already running"));
+        }
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args);
+        *child = Some(spawn_component("kube-apiserver", cmd, &self.log)?);
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        let mut child = self.child.lock().expect("apiserver lock");
+        let c = child.as_mut()?;
+        c.is_running().then(|| c.pid())
+    }
+
+    fn check_alive(&self) -> Result<(), ControlPlaneError> {
+        match self.child.lock().expect("apiserver lock").as_mut() {
+            Some(child) => check_child(child),
+            None => Ok(()),
+        }
+    }
+
+    fn terminate(&self) {
+        if let Some(child) = self.child.lock().expect("apiserver lock").as_ref() {
+            child.terminate();
+        }
+    }
+
+    /// SIGTERM, bounded wait, SIGKILL; blocks (see [`ManagedChild::kill`]).
+    fn kill(&self) {
+        let taken = self.child.lock().expect("apiserver lock").take();
+        if let Some(mut child) = taken {
+            child.kill();
+        }
+    }
+}
+
+/// Stops and starts kube-apiserver and freezes or resets its clients' connections; cheap to
+/// clone and usable while the bed runs (the bed's ctl server holds one).
+#[derive(Clone)]
+pub struct ApiServerControl {
+    process: Arc<ApiServerProcess>,
+    proxy: ProxyControl,
+    kubeconfig: PathBuf,
+}
+
+impl std::fmt::Debug for ApiServerControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServerControl")
+            .field("pid", &self.process.pid())
+            .field("proxy", &self.proxy)
+            .finish()
+    }
+}
+
+impl ApiServerControl {
+    /// Stops kube-apiserver as `systemctl stop` would (SIGTERM, then SIGKILL after 3 s) and
+    /// returns once it is gone. Its clients see their connections closed and new ones refused.
+    /// The bed's own components lose it too: past kube-controller-manager's node monitor grace
+    /// period (tens of seconds) it may mark nodes Unknown once it is back, before the kubelet
+    /// simulator's next Lease renewal, as on a real cluster.
+    pub async fn stop(&self) -> Result<(), ControlPlaneError> {
+        if self.process.pid().is_none() {
+            return Err(ControlPlaneError::ApiServerState("not running"));
+        }
+        let process = self.process.clone();
+        tokio::task::spawn_blocking(move || process.kill())
+            .await
+            .map_err(|e| ControlPlaneError::Leftovers(format!("stopping kube-apiserver: {e}")))?;
+        tracing::info!("kube-apiserver stopped");
+        Ok(())
+    }
+
+    /// Starts kube-apiserver again with the same flags and waits for `/readyz`.
+    pub async fn start(&self) -> Result<(), ControlPlaneError> {
+        self.process.spawn()?;
+        let process = self.process.clone();
+        wait_readyz(&self.kubeconfig, Duration::from_secs(60), || {
+            process.check_alive()
+        })
+        .await?;
+        tracing::info!("kube-apiserver started again");
+        Ok(())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.process.pid().is_some()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// The proxy every client under test goes through.
+    pub fn proxy(&self) -> &ProxyControl {
+        &self.proxy
+    }
+
+    /// See [`ProxyControl::freeze`].
+    pub fn freeze(&self, scope: Freeze) {
+        self.proxy.freeze(scope);
+    }
+
+    /// See [`ProxyControl::thaw`].
+    pub fn thaw(&self) {
+        self.proxy.thaw();
+    }
+
+    /// See [`ProxyControl::reset`].
+    pub fn reset(&self) {
+        self.proxy.reset();
+    }
+}
+
+fn spawn_component(
+    name: &str,
+    mut cmd: Command,
+    log: &Path,
+) -> Result<ManagedChild, ControlPlaneError> {
+    // Loopback only: a proxy from the environment must not see webhook or API calls.
+    for var in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
+        cmd.env_remove(var);
+    }
+    let mut child = ManagedChild::spawn(name, cmd, log)?;
+    // These components stop within a second or two of SIGTERM; a hung one should not hold up
+    // a test's teardown for long.
+    child.set_term_grace(Duration::from_secs(3));
+    Ok(child)
+}
+
+fn check_child(child: &mut ManagedChild) -> Result<(), ControlPlaneError> {
+    if let Some(status) = child.try_wait()? {
+        return Err(ControlPlaneError::Exited {
+            name: child.name().to_string(),
+            status: status.to_string(),
+            log: child.log_path().to_path_buf(),
+            tail: log_tail(child.log_path(), 30),
+        });
+    }
+    Ok(())
+}
+
+/// Polls kube-apiserver's `/readyz` with the (direct) kubeconfig until it answers, while
+/// `alive` says the process still runs.
+async fn wait_readyz(
+    kubeconfig: &Path,
+    timeout: Duration,
+    mut alive: impl FnMut() -> Result<(), ControlPlaneError>,
+) -> Result<(), ControlPlaneError> {
+    let began = Instant::now();
+    let mut config = config_from_kubeconfig(kubeconfig).await?;
+    config.default_retry = false;
+    let client = Client::try_from(config).map_err(ControlPlaneError::Client)?;
+    loop {
+        let request = http::Request::get("/readyz")
+            .body(Vec::new())
+            .expect("static request is valid");
+        let last = match client.request_text(request).await {
+            Ok(_) => return Ok(()),
+            Err(e) => e.to_string(),
+        };
+        alive()?;
+        if began.elapsed() > timeout {
+            return Err(ControlPlaneError::NotReady {
+                what: "kube-apiserver /readyz".into(),
+                waited: began.elapsed(),
+                last,
+            });
+        }
+        tokio::time::sleep(POLL).await;
     }
 }
 

@@ -4,6 +4,7 @@
 //! Every piece is torn down by PID when its handle drops, so a panicking test leaves
 //! nothing behind.
 
+pub mod apiproxy;
 pub mod bed;
 pub mod bench;
 pub mod controlplane;
@@ -11,9 +12,11 @@ pub mod ctl;
 pub mod demo;
 pub mod kubelet;
 pub mod kubevirt;
+pub mod ledger;
 pub mod logind;
 pub mod paths;
 pub mod pki;
+pub mod pod;
 pub mod process;
 pub mod timeline;
 pub mod wait;

@@ -1,13 +1,15 @@
-//! `testbed`: start the bed and run a command as a pod on node-1 (`run`), keep it up (`up`),
-//! or show shutdown-guard at work (`demo`).
+//! `testbed`: start the bed and run a command as a pod on one node or several (`run`), keep it
+//! up (`up`), hurt a running bed (`fault`), or show shutdown-guard at work (`demo`).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use testbed::bed::{Bed, BedOptions, LogindKind};
+use testbed::bed::{Bed, BedOptions, LogindKind, Loginds};
+use testbed::ctl::{Request, parse_signal};
 use testbed::kubevirt::{KubeVirtOptions, VmSpec};
+use testbed::pod::{Pod, PodOutput, PodSpec, parse_bytes};
 
 #[derive(Parser)]
 #[command(
@@ -22,10 +24,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start the bed, run CMD as a pod on node-1, tear down, exit with CMD's status.
+    /// Start the bed, run CMD as a pod on each node of --on, print the VM ledger, tear down,
+    /// exit with the first failing pod's status.
     Run {
         #[command(flatten)]
         bed: BedArgs,
+        #[command(flatten)]
+        pods: RunArgs,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
@@ -35,6 +40,9 @@ enum Command {
         #[command(flatten)]
         bed: BedArgs,
     },
+    /// Hurt a running bed (`testbed up`, or `$TESTBED_CTL` from a pod of `testbed run`):
+    /// kube-apiserver, its connections, logind, the bus, units, pods.
+    Fault(FaultArgs),
     /// Build what is needed, start the bed with mixed VMs, run shutdown-guard for node-1, power
     /// node-1 off and show what happened.
     Demo(testbed::demo::DemoArgs),
@@ -48,7 +56,8 @@ struct BedArgs {
     /// Nodes node-1 … node-N.
     #[arg(long, default_value_t = 3)]
     nodes: usize,
-    /// VMIs on node-1 by kind: live, none, stuck, ifpossible, external (e.g. live=3,none=1).
+    /// VMIs to create, by kind: live, none, stuck, ifpossible, external (e.g. live=3,none=1);
+    /// handed to the KubeVirt simulator as written.
     #[arg(long, default_value = "")]
     vms: VmSpec,
     /// Seconds a simulated live migration takes.
@@ -60,7 +69,14 @@ struct BedArgs {
     /// node-1's logind: systemd (trixie, 257), systemd-bookworm (252) or elogind (246).
     #[arg(long, default_value = "systemd")]
     logind: LogindKind,
-    /// logind's InhibitDelayMaxSec on node-1 (default: logind's own, 5 s).
+    /// Nodes that run a real logind (and can run pods): a count from node-1, or `all`. Each
+    /// systemd node adds about a second to the start and 10 MiB.
+    #[arg(long, default_value = "all")]
+    loginds: Loginds,
+    /// The logind of the nodes after node-1 that run one (default: the same as --logind).
+    #[arg(long)]
+    other_logind: Option<LogindKind>,
+    /// logind's InhibitDelayMaxSec on every node with a logind (default: logind's own, 5 s).
     #[arg(long)]
     inhibit_delay_max_sec: Option<u64>,
 }
@@ -78,6 +94,8 @@ impl BedArgs {
             nodes: self.nodes,
             vms: self.vms.clone(),
             logind: self.logind,
+            loginds: self.loginds,
+            other_logind: self.other_logind.unwrap_or(self.logind),
             inhibit_delay_max_secs: self.inhibit_delay_max_sec,
             kubevirt: KubeVirtOptions {
                 migration_duration: secs("migration-seconds", self.migration_seconds)?,
@@ -86,6 +104,144 @@ impl BedArgs {
             },
             ..BedOptions::default()
         })
+    }
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// Nodes to run CMD on, one pod each, at once: names (node-1,node-2) or `all` (every node
+    /// with a logind). Each pod gets its own node's TESTBED_NODE, bus and power commands.
+    #[arg(long, default_value = "node-1", value_delimiter = ',')]
+    on: Vec<String>,
+    /// Memory limit of each pod (e.g. 64Mi): a cgroup of its own with kubelet's OOM group kill
+    /// (`testbed fault oom` exceeds it).
+    #[arg(long, value_parser = parse_bytes)]
+    memory_max: Option<u64>,
+}
+
+#[derive(Args)]
+struct FaultArgs {
+    /// The bed's ctl port (`testbed up` prints it; pods have it).
+    #[arg(long, env = "TESTBED_CTL_PORT")]
+    ctl_port: u16,
+    #[command(subcommand)]
+    fault: Fault,
+}
+
+#[derive(Subcommand)]
+enum Fault {
+    /// kube-apiserver and the proxy every pod's kubeconfig goes through.
+    Api {
+        #[command(subcommand)]
+        action: ApiFault,
+    },
+    /// Restart logind on a node and wait until it is on the bus again.
+    RestartLogind {
+        #[arg(long, default_value = "node-1")]
+        node: String,
+    },
+    /// Restart a node's system bus (and logind with it).
+    RestartBus {
+        #[arg(long, default_value = "node-1")]
+        node: String,
+    },
+    /// Mask a unit inside a systemd node until its next boot (e.g. poweroff.target, so a
+    /// power-off fails).
+    Mask {
+        unit: String,
+        #[arg(long, default_value = "node-1")]
+        node: String,
+    },
+    /// Undo `mask`.
+    Unmask {
+        unit: String,
+        #[arg(long, default_value = "node-1")]
+        node: String,
+    },
+    /// Signal the program of every pod the bed started on a node.
+    Kill {
+        #[arg(long, default_value = "node-1")]
+        node: String,
+        /// KILL, TERM, … or a number.
+        #[arg(long, default_value = "KILL", value_parser = parse_signal)]
+        signal: nix::sys::signal::Signal,
+    },
+    /// Signal one process of a pod by its host PID.
+    KillPid {
+        pid: u32,
+        #[arg(long, default_value = "KILL", value_parser = parse_signal)]
+        signal: nix::sys::signal::Signal,
+    },
+    /// Make every memory-limited pod on a node exceed its limit: the OOM killer fires and
+    /// kills the pod's processes except those at oom_score_adj -1000.
+    Oom {
+        #[arg(long, default_value = "node-1")]
+        node: String,
+    },
+    /// Start a node's power-off.
+    Poweroff {
+        #[arg(long, default_value = "node-1")]
+        node: String,
+    },
+    /// Start a systemd node's reboot.
+    Reboot {
+        #[arg(long, default_value = "node-1")]
+        node: String,
+    },
+    /// Wait until a node powered off; print when (unix seconds).
+    WaitPoweroff {
+        #[arg(long, default_value = "node-1")]
+        node: String,
+    },
+    /// What the bed runs: kube-apiserver, the proxy, each node's logind, the pods.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum ApiFault {
+    /// Stop kube-apiserver (SIGTERM, SIGKILL after 3 s).
+    Stop,
+    /// Start it again on the same port and etcd; returns once it is ready.
+    Start,
+    /// Stop forwarding bytes on every client connection, sockets kept open.
+    Freeze {
+        /// Only the connections open now; new ones work (as after a VIP failover).
+        #[arg(long)]
+        established: bool,
+    },
+    /// Forward again.
+    Thaw,
+    /// Reset (RST) every open client connection.
+    Reset,
+}
+
+impl Fault {
+    fn request(self) -> Request {
+        use testbed::apiproxy::Freeze;
+        match self {
+            Fault::Api { action } => match action {
+                ApiFault::Stop => Request::ApiStop,
+                ApiFault::Start => Request::ApiStart,
+                ApiFault::Freeze { established } => Request::ApiFreeze(if established {
+                    Freeze::Established
+                } else {
+                    Freeze::All
+                }),
+                ApiFault::Thaw => Request::ApiThaw,
+                ApiFault::Reset => Request::ApiReset,
+            },
+            Fault::RestartLogind { node } => Request::RestartLogind { node },
+            Fault::RestartBus { node } => Request::RestartBus { node },
+            Fault::Mask { unit, node } => Request::Mask { node, unit },
+            Fault::Unmask { unit, node } => Request::Unmask { node, unit },
+            Fault::Kill { node, signal } => Request::Kill { node, signal },
+            Fault::KillPid { pid, signal } => Request::KillPid { pid, signal },
+            Fault::Oom { node } => Request::Oom { node },
+            Fault::Poweroff { node } => Request::PowerOff { node },
+            Fault::Reboot { node } => Request::Reboot { node },
+            Fault::WaitPoweroff { node } => Request::WaitPowerOff { node },
+            Fault::Status => Request::Status,
+        }
     }
 }
 
@@ -110,41 +266,125 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run { bed, cmd } => run_cmd(bed, cmd).await,
+        Command::Run { bed, pods, cmd } => run_cmd(bed, pods, cmd).await,
         Command::Up { bed } => up(bed).await,
+        Command::Fault(args) => fault(args).await,
         Command::Demo(args) => testbed::demo::run(args).await,
         Command::Bench(args) => testbed::bench::run(args).await,
     }
 }
 
-async fn run_cmd(args: BedArgs, cmd: Vec<String>) -> Result<ExitCode> {
+/// The nodes `--on` names, checked against the nodes that run a logind.
+fn pod_nodes(on: &[String], with_logind: &[String]) -> Result<Vec<String>> {
+    if on.iter().any(|n| n == "all") {
+        return Ok(with_logind.to_vec());
+    }
+    for node in on {
+        if !with_logind.contains(node) {
+            bail!(
+                "--on {node}: {node} runs no logind, so no pod can run there (nodes with one: {}); \
+                 add --loginds all or --loginds N",
+                with_logind.join(", ")
+            );
+        }
+    }
+    let mut nodes = on.to_vec();
+    nodes.dedup();
+    Ok(nodes)
+}
+
+async fn run_cmd(args: BedArgs, run: RunArgs, cmd: Vec<String>) -> Result<ExitCode> {
     let bed = Bed::start(args.options()?)
         .await
         .context("starting the bed")?;
-    eprintln!(
-        "testbed: up in {:.1} s; running {:?} as a pod on node-1",
-        bed.started_in().as_secs_f64(),
-        cmd
-    );
-    let rest: Vec<&str> = cmd[1..].iter().map(String::as_str).collect();
-    let mut child = bed
-        .pod_command(&cmd[0], &rest)
-        .await
-        .spawn()
-        .with_context(|| format!("starting {:?}", cmd[0]))?;
-    let status = tokio::select! {
-        status = child.wait() => status.context("waiting for the command")?,
-        _ = interrupted() => {
-            let _ = child.kill().await;
+    let nodes = match pod_nodes(&run.on, &bed.logind_nodes()) {
+        Ok(n) => n,
+        Err(e) => {
             bed.shutdown().await.context("tearing the bed down")?;
-            return Ok(ExitCode::from(130));
+            return Err(e);
         }
     };
+    eprintln!(
+        "testbed: up in {:.1} s; running {:?} as a pod on {}",
+        bed.started_in().as_secs_f64(),
+        cmd,
+        nodes.join(", ")
+    );
+    let prefixed = nodes.len() > 1;
+    let mut pods: Vec<Pod> = Vec::new();
+    let mut relays = Vec::new();
+    for node in &nodes {
+        let mut spec = PodSpec::new(
+            &cmd[0],
+            &cmd[1..].iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+        .output(if prefixed {
+            PodOutput::Piped
+        } else {
+            PodOutput::Inherit
+        });
+        spec.memory_max = run.memory_max;
+        let started = async { bed.node(node)?.spawn_pod(spec).await }.await;
+        let mut pod = match started {
+            Ok(p) => p,
+            Err(e) => {
+                drop(pods);
+                bed.shutdown().await.context("tearing the bed down")?;
+                return Err(e).with_context(|| format!("starting {:?} on {node}", cmd[0]));
+            }
+        };
+        if prefixed {
+            let (out, err) = pod.take_output();
+            relays.push(tokio::spawn(relay(out, format!("[{node}] "), false)));
+            relays.push(tokio::spawn(relay(err, format!("[{node}] "), true)));
+        }
+        pods.push(pod);
+    }
+    let waited = tokio::select! {
+        statuses = futures::future::join_all(pods.iter_mut().map(Pod::wait)) => Some(statuses),
+        _ = interrupted() => None,
+    };
+    for r in relays {
+        let _ = r.await;
+    }
+    let Some(statuses) = waited else {
+        drop(pods);
+        bed.shutdown().await.context("tearing the bed down")?;
+        return Ok(ExitCode::from(130));
+    };
+    eprint!("{}", bed.ledger().await);
+    drop(pods);
     bed.shutdown().await.context("tearing the bed down")?;
-    Ok(match status.code() {
-        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-        None => ExitCode::from(128 + 15),
-    })
+    let mut code = 0u8;
+    for (node, status) in nodes.iter().zip(statuses) {
+        let status = status.with_context(|| format!("waiting for the pod on {node}"))?;
+        let c = match status.code() {
+            Some(c) => u8::try_from(c).unwrap_or(1),
+            None => 128 + 15,
+        };
+        if prefixed && c != 0 {
+            eprintln!("testbed: the pod on {node} exited with {status}");
+        }
+        if code == 0 {
+            code = c;
+        }
+    }
+    Ok(ExitCode::from(code))
+}
+
+/// Copies a pod's output line by line with `prefix`, to the bed's stdout or stderr.
+async fn relay<R: tokio::io::AsyncRead + Unpin>(from: Option<R>, prefix: String, to_stderr: bool) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let Some(from) = from else { return };
+    let mut lines = BufReader::new(from).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let text = format!("{prefix}{line}\n");
+        let _ = if to_stderr {
+            tokio::io::stderr().write_all(text.as_bytes()).await
+        } else {
+            tokio::io::stdout().write_all(text.as_bytes()).await
+        };
+    }
 }
 
 async fn up(args: BedArgs) -> Result<ExitCode> {
@@ -155,20 +395,34 @@ async fn up(args: BedArgs) -> Result<ExitCode> {
         "testbed: up in {:.1} s; Ctrl-C tears it down",
         bed.started_in().as_secs_f64()
     );
-    let logind = bed.logind.read().await;
+    let node = bed.node(testbed::bed::NODE)?;
     println!(
         "export DBUS_SYSTEM_BUS_ADDRESS='{}'",
-        logind.pod_bus_address()
+        node.pod_bus_address().await
     );
-    drop(logind);
     for (key, value) in bed.pod_env() {
         println!("export {key}='{value}'");
     }
     println!(
         "# a pod on node-1 also runs in node-1's PID namespace; `testbed run` does that for you"
     );
+    println!(
+        "# nodes with a logind: {}; `testbed fault status` shows the bed",
+        bed.logind_nodes().join(", ")
+    );
     interrupted().await;
+    eprint!("{}", bed.ledger().await);
     bed.shutdown().await.context("tearing the bed down")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn fault(args: FaultArgs) -> Result<ExitCode> {
+    let detail = testbed::ctl::send(args.ctl_port, &args.fault.request()).await?;
+    if !detail.is_empty() {
+        for part in detail.split(" | ") {
+            println!("{part}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

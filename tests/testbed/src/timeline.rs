@@ -434,11 +434,14 @@ pub struct AuditEntry {
     pub code: u16,
     /// When the API server received the request (`requestReceivedTimestamp`).
     pub received: SystemTime,
+    /// When it had answered it (`stageTimestamp` of `ResponseComplete`).
+    pub completed: SystemTime,
 }
 
 impl AuditEntry {
     fn from_event(e: &AuditEvent) -> Option<Self> {
         let received: DateTime<Utc> = e.request_received_timestamp.parse().ok()?;
+        let completed: DateTime<Utc> = e.stage_timestamp.parse().unwrap_or(received);
         let r = e.object_ref.clone().unwrap_or_default();
         Some(Self {
             verb: e.verb.clone(),
@@ -449,6 +452,7 @@ impl AuditEntry {
             user: e.user.username.clone(),
             code: e.code().unwrap_or(0),
             received: received.into(),
+            completed: completed.into(),
         })
     }
 }

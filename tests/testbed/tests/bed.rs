@@ -1,5 +1,6 @@
-//! The whole bed: `testbed run` gives a command what a pod on node-1 has, and tearing the bed
-//! down leaves no process, mount, cgroup or folder behind.
+//! The whole bed: `testbed run` gives a command what a pod on a node has, on one node or on
+//! every node at once, `testbed fault` reaches a bed kept up, and tearing the bed down leaves
+//! no process, mount, cgroup or folder behind.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -25,7 +26,17 @@ fn testbed_run_gives_the_command_a_pod_on_node1_and_its_exit_status() {
     "#;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_testbed"))
         .args([
-            "run", "--logind", "elogind", "--vms", "live=1", "--", "bash", "-c", script,
+            "run",
+            "--logind",
+            "elogind",
+            "--loginds",
+            "1",
+            "--vms",
+            "live=1",
+            "--",
+            "bash",
+            "-c",
+            script,
         ])
         .output()
         .expect("testbed runs");
@@ -68,6 +79,181 @@ fn testbed_run_gives_the_command_a_pod_on_node1_and_its_exit_status() {
         now - at < 120.0 && at <= now,
         "power-off time {at} is not recent"
     );
+}
+
+/// `--on all`: one pod per node at once, each with its own node's variables and bus; a pod
+/// can ask the bed for faults (`$TESTBED_CTL`): kube-apiserver stopped, then started again
+/// (its kubectl, through the API proxy, works again), another node's pod sent SIGTERM, a
+/// memory limit exceeded (the OOM group kill takes the asking pod itself); the run ends with
+/// the VM ledger and the first failing pod's status.
+#[test]
+fn testbed_run_on_every_node_at_once_with_faults_from_a_pod() {
+    let script = r#"
+        set -eu
+        echo "node=$TESTBED_NODE"
+        busctl --system call org.freedesktop.login1 /org/freedesktop/login1 \
+          org.freedesktop.login1.Manager ListInhibitors >/dev/null
+        echo "bus=ok"
+        case "$TESTBED_NODE" in
+          node-1)
+            "$TESTBED_CTL" status
+            "$TESTBED_CTL" api stop
+            if kubectl get ns --request-timeout=3s >/dev/null 2>&1; then echo api-still-up; exit 3; fi
+            "$TESTBED_CTL" api start
+            kubectl get node node-1 -o name
+            if "$TESTBED_CTL" mask node-1 poweroff.target 2>/dev/null; then exit 4; fi
+            "$TESTBED_CTL" kill node-2 TERM ;;
+          node-2) exec sleep 300 ;;
+          node-3) "$TESTBED_CTL" oom node-3; echo survived ;;
+        esac
+    "#;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_testbed"))
+        .args([
+            "run",
+            "--logind",
+            "elogind",
+            "--nodes",
+            "3",
+            "--vms",
+            "live=1",
+            "--on",
+            "all",
+            "--memory-max",
+            "256Mi",
+            "--",
+            "bash",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("testbed runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let shown = format!(
+        "status {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    for node in ["node-1", "node-2", "node-3"] {
+        assert!(
+            stdout.contains(&format!("[{node}] node={node}")),
+            "no pod on {node} with its own TESTBED_NODE: {shown}"
+        );
+        assert!(stdout.contains(&format!("[{node}] bus=ok")), "{shown}");
+    }
+    assert!(
+        stdout.contains("[node-1] kube-apiserver running"),
+        "no status from the ctl: {shown}"
+    );
+    assert!(
+        stdout.contains("[node-1] node/node-1"),
+        "kubectl did not reach the restarted API server: {shown}"
+    );
+    assert!(
+        stdout.contains("[node-1] SIGTERM sent to bash"),
+        "node-2's pod was not signalled: {shown}"
+    );
+    assert!(
+        stderr.contains("the pod on node-2 exited with exit status: 143"),
+        "{shown}"
+    );
+    assert!(
+        !stdout.contains("[node-3] survived"),
+        "the OOM group kill spared the asking shell: {shown}"
+    );
+    assert!(
+        stderr.contains("the pod on node-3 exited with exit status: 137"),
+        "{shown}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "the first failing pod's status: {shown}"
+    );
+    assert!(
+        stderr.contains("VM ledger: 1 VMIs: 0 migrated, 0 stopped gracefully, 0 lost, 1 other"),
+        "no ledger at the end: {shown}"
+    );
+}
+
+/// `testbed fault` against a bed that `testbed up` keeps: status, a freeze of established
+/// connections and the thaw, and clear refusals for what the bed cannot do.
+#[test]
+fn testbed_fault_reaches_a_bed_kept_up() {
+    use std::io::BufRead;
+    let mut up = std::process::Command::new(env!("CARGO_BIN_EXE_testbed"))
+        .args([
+            "up",
+            "--logind",
+            "elogind",
+            "--nodes",
+            "2",
+            "--loginds",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("testbed up starts");
+    let mut port = None;
+    let mut lines = std::io::BufReader::new(up.stdout.take().expect("stdout")).lines();
+    // `up` prints its exports once the bed is up, then waits for a signal.
+    for line in lines.by_ref() {
+        let line = line.expect("stdout line");
+        if let Some(p) = line.strip_prefix("export TESTBED_CTL_PORT='") {
+            port = p.trim_end_matches('\'').parse::<u16>().ok();
+        }
+        if line.starts_with("# nodes with a logind") {
+            break;
+        }
+    }
+    let fault = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_testbed"))
+            .arg("fault")
+            .args(args)
+            .env("TESTBED_CTL_PORT", port.expect("ctl port").to_string())
+            .output()
+            .expect("testbed fault runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, status, _) = fault(&["status"]);
+    assert_eq!(code, Some(0), "{status}");
+    assert!(status.contains("kube-apiserver running"), "{status}");
+    assert!(status.contains("node-1: elogind 246"), "{status}");
+    let (code, frozen, err) = fault(&["api", "freeze", "--established"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(frozen.contains("frozen"), "{frozen}");
+    let (_, status, _) = fault(&["status"]);
+    assert!(status.contains("frozen (established)"), "{status}");
+    let (code, _, err) = fault(&["api", "thaw"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = fault(&["mask", "poweroff.target"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("elogind, which has no units"), "{err}");
+    let (code, _, err) = fault(&["kill", "--node", "node-2"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("no pod the bed started runs on node-2"),
+        "{err}"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM to testbed up");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = up.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "testbed up did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "testbed up exited {status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

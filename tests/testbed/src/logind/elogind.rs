@@ -222,15 +222,71 @@ impl Elogind {
     }
 
     fn elogind_pid(&self) -> Option<u32> {
+        self.daemon_pid("elogind")
+    }
+
+    /// A daemon the namespace's init started (and restarts when it ends), by its `comm`.
+    fn daemon_pid(&self, comm: &str) -> Option<u32> {
         let children =
             std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.init_pid)).ok()?;
         children
             .split_whitespace()
             .filter_map(|c| c.parse::<u32>().ok())
             .find(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|c| c.trim() == "elogind")
+                std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
             })
+    }
+
+    /// Stops elogind (SIGTERM); the namespace's init starts it again, as systemd restarts
+    /// systemd-logind. Returns once a new elogind owns `org.freedesktop.login1`.
+    pub async fn restart_logind(&self) -> Result<(), LogindError> {
+        self.restart(&["elogind"]).await
+    }
+
+    /// Stops the bus and elogind; the init starts the bus again, then elogind.
+    pub async fn restart_bus(&self) -> Result<(), LogindError> {
+        self.restart(&["dbus-daemon", "elogind"]).await
+    }
+
+    async fn restart(&self, daemons: &[&str]) -> Result<(), LogindError> {
+        let mut old = Vec::new();
+        for comm in daemons {
+            let pid = self
+                .daemon_pid(comm)
+                .ok_or_else(|| LogindError::NotRunning {
+                    what: (*comm).to_owned(),
+                    detail: " in the elogind namespace".into(),
+                })?;
+            kill(Pid::from_raw(pid as i32), Signal::SIGTERM).map_err(|e| LogindError::Io {
+                context: format!("SIGTERM to {comm} ({pid})"),
+                source: e.into(),
+            })?;
+            old.push(pid);
+        }
+        let timeout = Duration::from_secs(10);
+        let gone = crate::wait::until(timeout, Duration::from_millis(5), || async {
+            old.iter().all(|p| !pid_exists(*p)).then_some(())
+        })
+        .await;
+        if gone.is_none() {
+            return Err(LogindError::Timeout {
+                what: format!("{daemons:?} to stop"),
+                after: timeout,
+            });
+        }
+        let fresh = crate::wait::until(timeout, Duration::from_millis(5), || async {
+            let pid = self.elogind_pid()?;
+            (!old.contains(&pid)).then_some(())
+        })
+        .await;
+        if fresh.is_none() {
+            return Err(LogindError::Timeout {
+                what: "a new elogind".into(),
+                after: timeout,
+            });
+        }
+        let _bus = wait_for_logind(&self.bus_address(), timeout, || Ok(())).await?;
+        Ok(())
     }
 
     async fn do_poweroff(&self) -> Result<(), LogindError> {

@@ -26,9 +26,13 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::process::ProcessError;
 
 pub mod elogind;
+mod node;
+pub mod release;
 pub mod systemd;
 
 pub use elogind::{Elogind, ElogindOptions};
+pub use node::NodeLogind;
+pub use release::{Release, ReleaseMethod, ReleaseWatch};
 pub use systemd::{ConsoleLine, NodeExit, PowerAction, Suite, SystemdNode, SystemdOptions};
 
 pub const LOGIN1: &str = "org.freedesktop.login1";
@@ -314,19 +318,29 @@ pub(crate) fn new_boot_id() -> Result<String, LogindError> {
 /// Runs in the pod's fresh PID and mount namespaces as their PID 1 (a shell, because a PID 1
 /// without a SIGTERM handler would ignore the node's final SIGTERM and hold its shutdown for
 /// 90 s). The program runs as its child with the shell's stdin; the shell's exit status is the
-/// program's.
+/// program's. With `TESTBED_POD_CGROUP` set, the program (the container's entrypoint) moves
+/// into that cgroup before it starts, while this init stays outside, like a runtime's shim
+/// (see [`crate::pod`]); with `TESTBED_POD_PIDFILE` set, the init writes the program's PID (in
+/// the pod's namespace) there, so the bed can tell it from the init's passing helpers.
 const POD_INIT: &str = r#"set -e
 mount -t proc proc /proc
 mount --bind "$TESTBED_POD_BOOT_ID" /proc/sys/kernel/random/boot_id
 mount -o remount,bind,ro /proc/sys/kernel/random/boot_id
-unset TESTBED_POD_BOOT_ID
+cg=${TESTBED_POD_CGROUP:-}
+pidfile=${TESTBED_POD_PIDFILE:-}
+unset TESTBED_POD_BOOT_ID TESTBED_POD_CGROUP TESTBED_POD_PIDFILE
 set +e
 trap 'exit 143' TERM
 trap 'exit 130' INT
 exec 3<&0
-"$@" <&3 3<&- &
+if [ -n "$cg" ]; then
+  sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg" "$@" <&3 3<&- &
+else
+  "$@" <&3 3<&- &
+fi
 child=$!
 exec 3<&-
+if [ -n "$pidfile" ]; then echo "$child" > "$pidfile"; fi
 wait "$child"
 "#;
 
@@ -444,9 +458,18 @@ pub(crate) fn node_command(ns_pid: u32, program: &str, args: &[&str]) -> tokio::
 
 /// Runs a short helper command to completion (bounded), failing on a non-zero exit.
 pub(crate) async fn run_checked(
-    mut cmd: tokio::process::Command,
+    cmd: tokio::process::Command,
     timeout: Duration,
 ) -> Result<(), LogindError> {
+    run_output(cmd, timeout).await.map(drop)
+}
+
+/// Runs a short helper command to completion (bounded) and returns its stdout, failing on a
+/// non-zero exit.
+pub(crate) async fn run_output(
+    mut cmd: tokio::process::Command,
+    timeout: Duration,
+) -> Result<String, LogindError> {
     let shown = format!("{:?}", cmd.as_std());
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -463,7 +486,7 @@ pub(crate) async fn run_checked(
         })?
         .map_err(LogindError::io(format!("waiting for {shown}")))?;
     if out.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
     Err(LogindError::Command {
         command: shown,

@@ -26,7 +26,8 @@ use tokio::sync::watch;
 use super::{
     CgroupDir, Inhibitor, LogindError, LogindNode, PodSpec, ensure_cached, new_boot_id,
     node_command, pod_command, pss_kib, read_inhibit_delay_max, read_inhibitors, remove_state_dir,
-    run_checked, tail, wait_first_child, wait_for_logind, wait_inhibit_delay_max, write_file,
+    run_checked, run_output, tail, wait_first_child, wait_for_logind, wait_inhibit_delay_max,
+    write_file,
 };
 use crate::process::{ManagedChild, pid_exists};
 
@@ -540,6 +541,55 @@ impl SystemdNode {
         .await
     }
 
+    /// Runs `program` inside the node (its mount and PID namespaces) and returns its stdout;
+    /// fails with its output when it exits non-zero.
+    pub async fn exec(&self, program: &str, args: &[&str]) -> Result<String, LogindError> {
+        let pid = self.current()?.init_pid;
+        run_output(node_command(pid, program, args), Duration::from_secs(30)).await
+    }
+
+    /// Restarts systemd-logind as an administrator does (`systemctl restart`) and returns once
+    /// logind is on the bus again.
+    pub async fn restart_logind(&self) -> Result<(), LogindError> {
+        self.systemctl(&["restart", "systemd-logind.service"])
+            .await?;
+        let _bus = wait_for_logind(&self.bus_address(), Duration::from_secs(10), || Ok(())).await?;
+        Ok(())
+    }
+
+    /// Restarts the system bus, then systemd-logind: logind does not survive losing its bus
+    /// and the new bus does not start it again (on a real host too, until something asks for
+    /// it). Returns once logind is on the new bus.
+    pub async fn restart_bus(&self) -> Result<(), LogindError> {
+        self.systemctl(&["restart", "dbus.service"]).await?;
+        self.restart_logind().await
+    }
+
+    /// Masks `unit` until the node's next boot (`systemctl mask --runtime`), e.g.
+    /// `poweroff.target`, so a power-off fails as on a host where it is masked: logind answers
+    /// `PowerOff` but its delayed job fails ("Error during inhibitor-delayed operation").
+    pub async fn mask_unit(&self, unit: &str) -> Result<(), LogindError> {
+        self.systemctl(&["mask", "--runtime", unit]).await
+    }
+
+    /// Undoes [`mask_unit`](Self::mask_unit).
+    pub async fn unmask_unit(&self, unit: &str) -> Result<(), LogindError> {
+        self.systemctl(&["unmask", "--runtime", unit]).await
+    }
+
+    /// When the node powered off or rebooted (`Shutting down.` on its console), every boot.
+    pub fn power_offs(&self) -> Vec<SystemTime> {
+        self.console
+            .shared
+            .lines
+            .lock()
+            .expect("console lock")
+            .iter()
+            .filter(|l| l.text.trim() == SHUTTING_DOWN)
+            .map(|l| l.at)
+            .collect()
+    }
+
     async fn start_power_action(&self, verb: &str) -> Result<(), LogindError> {
         let boot = self.current()?;
         if boot.exit.is_some() {
@@ -658,6 +708,13 @@ impl SystemdNode {
         if let Some(boot) = &mut self.boot {
             if boot.outer.is_running() && pid_exists(boot.init_pid) {
                 let _ = kill(Pid::from_raw(boot.init_pid as i32), Signal::SIGKILL);
+            }
+            // `unshare` ignores SIGTERM while it waits for PID 1, whose exit can take a second
+            // or two on a busy machine (the kernel tears the container's mounts down first):
+            // wait for that rather than signal it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while boot.outer.is_running() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
             }
             boot.outer.kill();
         }
