@@ -763,7 +763,8 @@ impl KubeVirtSim {
 
     /// `PUT …/{virtualmachines|virtualmachineinstances}/{name}/{action}` through kube-apiserver's
     /// aggregator (`subresources.kubevirt.io/v1`), with an optional JSON body. Returns the HTTP
-    /// status and the body. Actions: `start`, `stop`, `restart` (VMs), `evacuate/cancel` (both,
+    /// status (e.g. 202 for an accepted start, 404 where the release has no such subresource)
+    /// and the body. Actions: `start`, `stop`, `restart` (VMs), `evacuate/cancel` (both,
     /// v1.7+).
     pub async fn subresource(
         &self,
@@ -821,11 +822,16 @@ pub async fn subresource(
         .header("content-type", "application/json")
         .body(bytes)
         .map_err(|e| KubeVirtError::Wait(format!("building PUT {path}: {e}")))?;
-    match client.request_text(request).await {
-        Ok(text) => Ok((200, text)),
-        Err(kube::Error::Api(s)) => Ok((s.code, s.message)),
-        Err(e) => Err(api_err(format!("PUT {path}"))(e)),
-    }
+    let response = client
+        .send(request.map(kube::client::Body::from))
+        .await
+        .map_err(api_err(format!("PUT {path}")))?;
+    let code = response.status().as_u16();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .map_err(|e| KubeVirtError::Wait(format!("reading the answer to PUT {path}: {e}")))?
+        .to_bytes();
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Creates the VMIs and VMs of `spec` (see [`KubeVirtSim::create_vmis`]). Needs a running

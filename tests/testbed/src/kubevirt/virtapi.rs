@@ -414,31 +414,44 @@ async fn patch_requests(
     vm: &VirtualMachine,
     changes: Vec<StateChangeRequest>,
 ) -> Reply {
-    let pending = vm
-        .status
-        .as_ref()
-        .map(|s| s.state_change_requests.clone())
-        .unwrap_or_default();
-    let requests = match change_requests(&pending, changes) {
-        Ok(r) => r,
-        Err(why) => return internal(&why),
-    };
-    let api = Api::<VirtualMachine>::namespaced(
-        state.client.clone(),
-        vm.metadata.namespace.as_deref().unwrap_or_default(),
-    );
-    // The resource version stands in for upstream's JSON-patch `test` of the old list.
-    let patch = json!({"metadata": {"resourceVersion": vm.metadata.resource_version},
-                       "status": {"stateChangeRequests": requests}});
+    let ns = vm.metadata.namespace.as_deref().unwrap_or_default();
     let name = vm.metadata.name.as_deref().unwrap_or_default();
-    match api
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-    {
-        Ok(_) => accepted(),
-        Err(kube::Error::Api(s)) if s.code == 409 => conflict("virtualmachine", name, &s.message),
-        Err(e) => internal(&describe(&e)),
+    let api = Api::<VirtualMachine>::namespaced(state.client.clone(), ns);
+    let mut vm = vm.clone();
+    // Upstream guards the update with a JSON-patch `test` of the old list: it fails only if the
+    // requests changed meanwhile. A resource version also moves with unrelated status updates,
+    // so a conflict here is retried against the fresh object.
+    for _ in 0..5 {
+        let pending = vm
+            .status
+            .as_ref()
+            .map(|s| s.state_change_requests.clone())
+            .unwrap_or_default();
+        let requests = match change_requests(&pending, changes.clone()) {
+            Ok(r) => r,
+            Err(why) => return internal(&why),
+        };
+        let patch = json!({"metadata": {"resourceVersion": vm.metadata.resource_version},
+                           "status": {"stateChangeRequests": requests}});
+        match api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(_) => return accepted(),
+            Err(kube::Error::Api(s)) if s.code == 409 => match api.get(name).await {
+                Ok(fresh)
+                    if fresh.status.as_ref().map(|s| &s.state_change_requests)
+                        == vm.status.as_ref().map(|s| &s.state_change_requests) =>
+                {
+                    vm = fresh;
+                }
+                Ok(_) => return conflict("virtualmachine", name, &s.message),
+                Err(e) => return internal(&describe(&e)),
+            },
+            Err(e) => return internal(&describe(&e)),
+        }
     }
+    conflict("virtualmachine", name, "the VM kept changing")
 }
 
 async fn set_run_strategy(state: &State, vm: &VirtualMachine, strategy: RunStrategy) -> Reply {
