@@ -197,7 +197,8 @@ impl ClusterConfig {
             "migrations": {
                 "parallelMigrationsPerCluster": m.parallel_migrations_per_cluster,
                 "parallelOutboundMigrationsPerNode": m.parallel_outbound_migrations_per_node,
-                "bandwidthPerMigration": format_quantity(m.bandwidth_per_migration.unwrap_or(0)),
+                // Upstream writes its "no limit" default as "0Mi".
+                "bandwidthPerMigration": m.bandwidth_per_migration.map_or("0Mi".to_owned(), format_quantity),
                 "completionTimeoutPerGiB": m.completion_timeout_per_gib,
                 "progressTimeout": m.progress_timeout,
                 "unschedulablePendingTimeoutSeconds": m.unschedulable_pending_timeout.as_secs(),

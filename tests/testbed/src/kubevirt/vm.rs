@@ -248,6 +248,7 @@ async fn sync(ctx: &Ctx, vm: &VirtualMachine) {
         recorded
     };
     let status = json!({"created": created, "ready": ready,
+                        "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
                         "runStrategy": run_strategy,
                         "printableStatus": printable_status(vm, vmi.as_deref()),
                         "stateChangeRequests": requests});
