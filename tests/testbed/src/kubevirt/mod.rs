@@ -172,7 +172,7 @@ impl Default for KubeVirtOptions {
             migration_backoff: Duration::from_secs(20),
             unschedulable_timeout: Duration::from_secs(300),
             failures: FailureInjection::default(),
-            cluster_eviction_strategy: Some(EvictionStrategy::None),
+            cluster_eviction_strategy: None,
             webhook_tls: None,
         }
     }
