@@ -83,10 +83,31 @@ async fn target_hands_over_label_and_node_name_in_one_update() -> Result<()> {
         "source pod {:?} right after the hand-over",
         pod_phase(Some(&now))
     );
-    wait_pod(&b.client, &source_name, "source Succeeded", |p| {
+    let done = wait_pod(&b.client, &source_name, "source Succeeded", |p| {
         pod_phase(p) == Some("Succeeded")
     })
-    .await?;
+    .await?
+    .context("source pod gone")?;
+    // It exited about source_exit_delay (3 s) after the hand-over (finishedAt has whole
+    // seconds, hence the slack).
+    let finished = done
+        .status
+        .and_then(|s| s.container_statuses)
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|c| c.state?.terminated?.finished_at)
+        .context("no finishedAt")?;
+    let finished =
+        chrono::DateTime::from_timestamp_millis(finished.0.as_millisecond()).context("time")?;
+    let handed_over = moved
+        .migration_state()
+        .and_then(|m| m.end_timestamp)
+        .context("no endTimestamp")?;
+    let lived = (finished - handed_over).num_milliseconds();
+    ensure!(
+        lived >= 2000,
+        "source launcher exited {lived} ms after the hand-over"
+    );
 
     let seen = recorder
         .wait("completed", Duration::from_secs(10), |s| {

@@ -251,7 +251,7 @@ struct Seen {
     vmis: HashMap<String, (String, Option<String>)>,
     /// VMIM uid → (resourceVersion, namespace/vmi).
     vmims: HashMap<String, (String, String)>,
-    /// Node name → resourceVersion.
+    /// Node name → its spec and metadata, as last seen.
     nodes: HashMap<String, String>,
 }
 
@@ -323,12 +323,21 @@ impl Seen {
             keep
         });
 
+        // The bed's kubelets renew the Ready condition every 10 s; a real kubelet writes its
+        // Node status only on change or every 5 min (`nodeStatusReportFrequency`), so Node
+        // events mean spec or metadata changes (cordon, taints, labels) there. Passing the
+        // bed's heartbeats on would re-sync nodes far more often than upstream does.
         for node in ctx.nodes.state() {
             let name = node.metadata.name.clone().unwrap_or_default();
-            let rv = node.metadata.resource_version.clone().unwrap_or_default();
-            if self.nodes.get(&name) != Some(&rv) {
+            let fingerprint = serde_json::to_string(&(
+                &node.spec,
+                &node.metadata.labels,
+                &node.metadata.annotations,
+            ))
+            .unwrap_or_default();
+            if self.nodes.get(&name) != Some(&fingerprint) {
                 queue.add(&name);
-                self.nodes.insert(name, rv);
+                self.nodes.insert(name, fingerprint);
             }
         }
     }
