@@ -247,6 +247,20 @@ mod tests {
     }
 
     #[test]
+    fn a_booting_vmi_without_the_condition_is_not_migratable() {
+        let mut booting = vmi(Some("LiveMigrate"), true, "node-1", None);
+        booting.status.as_mut().unwrap().conditions.clear();
+        booting.status.as_mut().unwrap().phase = Some("Scheduled".into());
+        assert_eq!(
+            decide("node-1", &booting, None),
+            Admission::Deny(
+                "VMI vm-a is configured with an eviction strategy but is not live-migratable"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
     fn live_migrate_not_migratable_is_denied_forever() {
         let d = decide(
             "node-1",

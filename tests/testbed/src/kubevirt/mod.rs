@@ -75,8 +75,10 @@ pub enum KubeVirtError {
     Io(#[source] std::io::Error),
     #[error(transparent)]
     Spec(#[from] SpecError),
-    #[error("{0}")]
-    Unsupported(String),
+    #[error(
+        "the VM spec places VMs on {node:?}, which is not a node of the bed (nodes: {known}); use one of those or raise --nodes"
+    )]
+    UnknownNode { node: String, known: String },
 }
 
 pub(crate) fn api_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> KubeVirtError {
@@ -200,6 +202,48 @@ impl KubeVirtOptions {
     }
 }
 
+/// `parallelMigrationsPerCluster` and `parallelOutboundMigrationsPerNode`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub cluster: usize,
+    pub per_node: usize,
+}
+
+/// Admission of a pending migration (`handleTargetPodCreation`): room in the cluster and on its
+/// source node; with the priority queue, no waiting migration of higher priority that could
+/// take the room first (upstream re-queues pending migrations highest priority first when one
+/// ends). A refused migration is recorded as waiting.
+pub(crate) fn admit(
+    slots: &mut Slots,
+    uid: &str,
+    source: &str,
+    priority: i32,
+    pq: bool,
+    limits: Limits,
+) -> bool {
+    if slots.running.contains_key(uid) {
+        return true;
+    }
+    let room = |slots: &Slots, node: &str| {
+        let outbound = slots.running.values().filter(|n| *n == node).count();
+        slots.running.len() < limits.cluster && outbound < limits.per_node
+    };
+    let outranked = pq
+        && slots
+            .waiting
+            .iter()
+            .any(|(other, (node, p))| other != uid && *p > priority && room(slots, node));
+    if !room(slots, source) || outranked {
+        slots
+            .waiting
+            .insert(uid.to_owned(), (source.to_owned(), priority));
+        return false;
+    }
+    slots.waiting.remove(uid);
+    slots.running.insert(uid.to_owned(), source.to_owned());
+    true
+}
+
 /// Running and waiting migrations, for admission within the parallel limits.
 #[derive(Default)]
 pub(crate) struct Slots {
@@ -315,34 +359,21 @@ impl Ctx {
         candidates.into_iter().map(|(_, n)| n).collect()
     }
 
-    /// Admission of a pending migration (`handleTargetPodCreation`): room in the cluster and
-    /// on its source node; with the priority queue, no waiting migration of higher priority
-    /// that could take the room first.
+    /// Admission of a pending migration within the KubeVirt CR's limits ([`admit`]).
     pub fn admit_migration(&self, uid: &str, source: &str, priority: i32, pq: bool) -> bool {
         let config = self.cluster_config();
-        let mut slots = self.slots.lock().expect("slots lock");
-        if slots.running.contains_key(uid) {
-            return true;
-        }
-        let room = |slots: &Slots, node: &str| {
-            let outbound = slots.running.values().filter(|n| *n == node).count();
-            slots.running.len() < config.migrations.parallel_migrations_per_cluster as usize
-                && outbound < config.migrations.parallel_outbound_migrations_per_node as usize
+        let limits = Limits {
+            cluster: config.migrations.parallel_migrations_per_cluster as usize,
+            per_node: config.migrations.parallel_outbound_migrations_per_node as usize,
         };
-        let outranked = pq
-            && slots
-                .waiting
-                .iter()
-                .any(|(other, (node, p))| other != uid && *p > priority && room(&slots, node));
-        if !room(&slots, source) || outranked {
-            slots
-                .waiting
-                .insert(uid.to_owned(), (source.to_owned(), priority));
-            return false;
-        }
-        slots.waiting.remove(uid);
-        slots.running.insert(uid.to_owned(), source.to_owned());
-        true
+        admit(
+            &mut self.slots.lock().expect("slots lock"),
+            uid,
+            source,
+            priority,
+            pq,
+            limits,
+        )
     }
 
     pub fn release_migration_slot(&self, uid: &str) {
@@ -844,6 +875,26 @@ pub async fn create_vmis(
 ) -> Result<Vec<VirtualMachineInstance>, KubeVirtError> {
     let vmis = Api::<VirtualMachineInstance>::namespaced(client.clone(), namespace);
     let vms = Api::<VirtualMachine>::namespaced(client.clone(), namespace);
+    let nodes: Vec<String> = Api::<Node>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .map_err(api_err("listing nodes"))?
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    for wanted in spec
+        .groups
+        .iter()
+        .map(|g| g.node.as_deref().unwrap_or(default_node))
+    {
+        if !nodes.iter().any(|n| n == wanted) {
+            return Err(KubeVirtError::UnknownNode {
+                node: wanted.to_owned(),
+                known: nodes.join(", "),
+            });
+        }
+    }
     let mut waits: Vec<(String, bool)> = Vec::new();
     for instance in spec.instances() {
         let template = VmiTemplate::of_group(instance.group, default_node);
@@ -888,4 +939,55 @@ pub async fn create_vmis(
         out.extend(vmi);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        cluster: 5,
+        per_node: 2,
+    };
+
+    #[test]
+    fn two_outbound_per_node_five_per_cluster() {
+        let mut s = Slots::default();
+        assert!(admit(&mut s, "a", "node-1", 0, false, LIMITS));
+        assert!(admit(&mut s, "b", "node-1", 0, false, LIMITS));
+        assert!(!admit(&mut s, "c", "node-1", 0, false, LIMITS));
+        for (uid, node) in [("d", "node-2"), ("e", "node-2"), ("f", "node-3")] {
+            assert!(admit(&mut s, uid, node, 0, false, LIMITS));
+        }
+        assert!(
+            !admit(&mut s, "g", "node-3", 0, false, LIMITS),
+            "cluster full"
+        );
+        assert!(
+            admit(&mut s, "a", "node-1", 0, false, LIMITS),
+            "already running"
+        );
+    }
+
+    #[test]
+    fn priority_queue_lets_the_higher_priority_take_freed_room() {
+        let mut s = Slots::default();
+        assert!(admit(&mut s, "a", "node-1", 0, true, LIMITS));
+        assert!(admit(&mut s, "b", "node-1", 0, true, LIMITS));
+        assert!(!admit(&mut s, "user", "node-1", 50, true, LIMITS));
+        assert!(!admit(&mut s, "drain", "node-1", 100, true, LIMITS));
+        s.running.remove("a");
+        assert!(
+            !admit(&mut s, "user", "node-1", 50, true, LIMITS),
+            "outranked"
+        );
+        assert!(admit(&mut s, "drain", "node-1", 100, true, LIMITS));
+        // Without the queue, whoever looks first.
+        let mut s = Slots::default();
+        assert!(admit(&mut s, "a", "node-1", 0, false, LIMITS));
+        assert!(admit(&mut s, "b", "node-1", 0, false, LIMITS));
+        assert!(!admit(&mut s, "drain", "node-1", 100, false, LIMITS));
+        s.running.remove("a");
+        assert!(admit(&mut s, "user", "node-1", 50, false, LIMITS));
+    }
 }

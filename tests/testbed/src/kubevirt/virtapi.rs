@@ -309,12 +309,8 @@ fn add_to(ops: &mut Vec<Value>, exists: bool, path: &str, key: Option<&str>, val
     }
 }
 
-fn mutate(body: &[u8], what: Mutation) -> Reply {
-    let Ok(review) = serde_json::from_slice::<Value>(body) else {
-        return status(400, "BadRequest", "not an AdmissionReview");
-    };
-    let request = &review["request"];
-    let object = &request["object"];
+/// The JSON patch a mutator answers for `object`.
+fn mutation_ops(object: &Value, what: &Mutation) -> Vec<Value> {
     let meta = &object["metadata"];
     let has_finalizers = meta["finalizers"].is_array();
     let mut ops = Vec::new();
@@ -346,6 +342,15 @@ fn mutate(body: &[u8], what: Mutation) -> Reply {
             );
         }
     }
+    ops
+}
+
+fn mutate(body: &[u8], what: Mutation) -> Reply {
+    let Ok(review) = serde_json::from_slice::<Value>(body) else {
+        return status(400, "BadRequest", "not an AdmissionReview");
+    };
+    let request = &review["request"];
+    let ops = mutation_ops(&request["object"], &what);
     let patch =
         base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&ops).expect("json"));
     reply(
@@ -891,9 +896,27 @@ mod tests {
 
     #[test]
     fn migration_mutator_adds_label_and_finalizer() {
-        let review = json!({"request": {"uid": "x", "object": {
-            "metadata": {"generateName": "m-"}, "spec": {"vmiName": "a"}}}});
-        let r = mutate(&serde_json::to_vec(&review).unwrap(), Mutation::Migration);
-        assert_eq!(r.status(), StatusCode::OK);
+        let bare = json!({"metadata": {"generateName": "m-"}, "spec": {"vmiName": "a"}});
+        assert_eq!(
+            mutation_ops(&bare, &Mutation::Migration),
+            vec![
+                json!({"op": "add", "path": "/metadata/labels", "value": {"kubevirt.io/vmi-name": "a"}}),
+                json!({"op": "add", "path": "/metadata/finalizers", "value": ["kubevirt.io/migrationJobFinalizer"]}),
+            ]
+        );
+        let dressed = json!({"metadata": {"labels": {"x": "y"}, "finalizers": ["f"]}, "spec": {"vmiName": "a"}});
+        assert_eq!(
+            mutation_ops(&dressed, &Mutation::Migration),
+            vec![
+                json!({"op": "add", "path": "/metadata/labels/kubevirt.io~1vmi-name", "value": "a"}),
+                json!({"op": "add", "path": "/metadata/finalizers/-", "value": "kubevirt.io/migrationJobFinalizer"}),
+            ]
+        );
+        assert_eq!(
+            mutation_ops(&dressed, &Mutation::Vmi),
+            vec![
+                json!({"op": "add", "path": "/metadata/finalizers/-", "value": "kubevirt.io/foregroundDeleteVirtualMachine"})
+            ]
+        );
     }
 }
