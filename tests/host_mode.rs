@@ -323,12 +323,41 @@ async fn host_mode(logind: LogindKind) {
         ],
     )
     .await;
+    // The holder keeps exactly CAP_SETGID and CAP_SETUID (bits 6 and 7), to start the worker as
+    // nobody; the worker, which talks to the API server, has none and is not root.
     for line in caps.lines().filter(|l| l.starts_with("Cap")) {
         assert!(
-            line.ends_with("0000000000000000"),
-            "the service has capabilities: {caps}"
+            line.ends_with("00000000000000c0"),
+            "the holder has more than CAP_SETGID and CAP_SETUID: {caps}"
         );
     }
+    let (_, children) = in_node(
+        pid,
+        &["cat", &format!("/proc/{0}/task/{0}/children", held.pid)],
+    )
+    .await;
+    let worker = children
+        .split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("the holder started no worker: {children:?}"))
+        .to_string();
+    let (_, status) = in_node(
+        pid,
+        &[
+            "grep",
+            "-E",
+            "^(Uid|Gid|CapEff|CapPrm|NoNewPrivs)",
+            &format!("/proc/{worker}/status"),
+        ],
+    )
+    .await;
+    assert!(
+        status.contains("Uid:\t65534\t65534\t65534\t65534")
+            && status.contains("CapEff:\t0000000000000000")
+            && status.contains("CapPrm:\t0000000000000000")
+            && status.contains("NoNewPrivs:\t1"),
+        "the worker runs as nobody without capabilities: {status}"
+    );
 
     // Wait until the agent has read its Node (it cordons only what it has seen), then power off.
     let recorder = Recorder::start(admin.clone(), NODE).await;

@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use testbed::bed::{Bed, BedOptions, LogindKind, Loginds};
 use testbed::ctl::{Request, parse_signal};
-use testbed::kubevirt::{KubeVirtOptions, VmSpec};
+use testbed::kubevirt::config::parse_quantity;
+use testbed::kubevirt::{KubeVirtOptions, KubeVirtVersion, VmSpec};
 use testbed::pod::{Pod, PodOutput, PodSpec, parse_bytes};
 
 #[derive(Parser)]
@@ -56,13 +57,22 @@ struct BedArgs {
     /// Nodes node-1 … node-N.
     #[arg(long, default_value_t = 3)]
     nodes: usize,
-    /// VMIs to create, by kind: live, none, stuck, ifpossible, external (e.g. live=3,none=1);
-    /// handed to the KubeVirt simulator as written.
+    /// VMIs by kind (live, none, stuck, ifpossible, external), on node-1 unless a group names
+    /// its node, with optional memory and options: e.g.
+    /// live=4:8Gi,none=1,node-2:live=1/vm=Always (options: vm=RUNSTRATEGY, hotplug, boot=Ns).
     #[arg(long, default_value = "")]
     vms: VmSpec,
-    /// Seconds a simulated live migration takes.
+    /// Seconds a simulated live migration takes; with --migration-bandwidth its memory copy
+    /// takes memory ÷ bandwidth instead of most of this.
     #[arg(long, default_value_t = 2.0)]
     migration_seconds: f64,
+    /// Bytes per second each migration copies (e.g. 1Gi): the copy then takes the VMI's
+    /// memory divided by this. Default: none, the copy takes --migration-seconds.
+    #[arg(long, value_parser = parse_bandwidth)]
+    migration_bandwidth: Option<u64>,
+    /// The KubeVirt release to simulate: 1.5, 1.6, 1.7 or 1.8.
+    #[arg(long, default_value_t = KubeVirtVersion::default())]
+    kubevirt: KubeVirtVersion,
     /// Seconds a VMI takes to shut down after its launcher pod is deleted or evicted.
     #[arg(long, default_value_t = 2.0)]
     shutdown_seconds: f64,
@@ -98,7 +108,9 @@ impl BedArgs {
             other_logind: self.other_logind.unwrap_or(self.logind),
             inhibit_delay_max_secs: self.inhibit_delay_max_sec,
             kubevirt: KubeVirtOptions {
+                version: self.kubevirt,
                 migration_duration: secs("migration-seconds", self.migration_seconds)?,
+                migration_bandwidth: self.migration_bandwidth,
                 shutdown_duration: secs("shutdown-seconds", self.shutdown_seconds)?,
                 ..KubeVirtOptions::default()
             },
@@ -242,6 +254,14 @@ impl Fault {
             Fault::WaitPoweroff { node } => Request::WaitPowerOff { node },
             Fault::Status => Request::Status,
         }
+    }
+}
+
+fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    match parse_quantity(s) {
+        Ok(0) => Err("give a bandwidth above 0 (e.g. 1Gi), or leave the flag out".into()),
+        Ok(b) => Ok(b),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -37,7 +37,7 @@ pub enum Change {
         migration: String,
         phase: String,
     },
-    /// The VMI now runs elsewhere (`status.nodeName` moved, `migrationState.completed`).
+    /// The VMI now runs elsewhere (`status.nodeName` moved: the hand-over).
     Migrated {
         vmi: String,
         target: String,
@@ -349,14 +349,13 @@ fn observe_vmi(s: &mut State, node: &str, v: &VirtualMachineInstance) {
                 .push(stamp(Change::EvacuationRequested { vmi: k.clone() }));
         }
         let was_here = prev_node.as_deref() == Some(node) && !is_final(&prev_phase);
+        // The hand-over moves `status.nodeName`; from KubeVirt 1.6 `completed` follows in a
+        // later update, in 1.5 it came before.
         if was_here && now_node.as_deref().is_some_and(|n| n != node) {
-            let completed = status.migration_state.as_ref().is_some_and(|m| m.completed);
-            if completed {
-                s.log.push(stamp(Change::Migrated {
-                    vmi: k.clone(),
-                    target: now_node.clone().unwrap_or_default(),
-                }));
-            }
+            s.log.push(stamp(Change::Migrated {
+                vmi: k.clone(),
+                target: now_node.clone().unwrap_or_default(),
+            }));
         }
         if was_here && now_node.as_deref() == Some(node) && is_final(&phase) {
             s.log.push(stamp(Change::Stopped {

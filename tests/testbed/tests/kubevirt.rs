@@ -524,8 +524,11 @@ async fn evictions_follow_the_admitter_and_failed_migrations_back_off() -> Resul
         pods.get_opt(&failed_target).await?.is_none(),
         "failed target pod left"
     );
-    let source = pods.get(&live_pod).await?;
-    ensure!(source.status.and_then(|s| s.phase).as_deref() == Some("Succeeded"));
+    // The source launcher exits a moment after the hand-over, as upstream's does.
+    wait_pod(&bed.client, &live_pod, "source Succeeded", |p| {
+        phase(p) == Some("Succeeded")
+    })
+    .await?;
     ensure!(evict(&raw, &live_pod, false).await?.is_ok());
 
     // External was never migrated.

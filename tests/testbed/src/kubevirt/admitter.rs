@@ -4,7 +4,9 @@
 //! (kubevirt/kubevirt): which pods it looks at, the eviction strategy lookup of
 //! `pkg/util/migrations` (`VMIEvictionStrategy`: the VMI's, else the cluster's, whose default is
 //! `None` per `pkg/virt-config/configuration.go`), the order of the checks and the messages, which
-//! callers such as the descheduler parse. Every denial is HTTP 429.
+//! callers such as the descheduler parse. Every denial is HTTP 429. A VMI without the
+//! `LiveMigratable` condition (still booting) counts as not migratable (`IsMigratable` looks for
+//! the condition with status True).
 
 use k8s_openapi::api::core::v1::Pod;
 
@@ -105,6 +107,13 @@ pub fn launcher_vmi_name(pod: &Pod) -> Option<&str> {
 /// The answer when the VMI named by the launcher pod cannot be read (not found included).
 pub fn vmi_lookup_failed_message(error: &str) -> String {
     format!("kubevirt failed getting the vmi: {error}")
+}
+
+/// `admitHotplugPod`'s refusal (v1.7+).
+pub fn hotplug_denied_message(pod: &str, vmi: &str, namespace: &str) -> String {
+    format!(
+        "cannot evict hotplug pod: {pod} associated with running vmi: {vmi} in namespace {namespace}"
+    )
 }
 
 pub fn mark_failed_message(error: &str) -> String {
@@ -235,6 +244,20 @@ mod tests {
             Some(EvictionStrategy::LiveMigrate),
         );
         assert!(matches!(d, Admission::MarkAndDeny { .. }));
+    }
+
+    #[test]
+    fn a_booting_vmi_without_the_condition_is_not_migratable() {
+        let mut booting = vmi(Some("LiveMigrate"), true, "node-1", None);
+        booting.status.as_mut().unwrap().conditions.clear();
+        booting.status.as_mut().unwrap().phase = Some("Scheduled".into());
+        assert_eq!(
+            decide("node-1", &booting, None),
+            Admission::Deny(
+                "VMI vm-a is configured with an eviction strategy but is not live-migratable"
+                    .into()
+            )
+        );
     }
 
     #[test]

@@ -18,6 +18,8 @@ use super::KubeVirtError;
 pub const GROUP: &str = "kubevirt.io";
 pub const VMI_CRD: &str = "virtualmachineinstances.kubevirt.io";
 pub const VMIM_CRD: &str = "virtualmachineinstancemigrations.kubevirt.io";
+pub const VM_CRD: &str = "virtualmachines.kubevirt.io";
+pub const KUBEVIRT_CRD: &str = "kubevirts.kubevirt.io";
 
 /// `VirtualMachineInstance` (`kubevirt.io/v1`). Only the fields the simulators use are typed.
 #[derive(CustomResource, Clone, Debug, Default, Serialize, Deserialize)]
@@ -97,6 +99,15 @@ pub struct MigrationState {
     pub failure_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_uid: Option<String>,
+    /// `Succeeded` once the source aborted the migration on request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort_status: Option<String>,
+    #[serde(default)]
+    pub abort_requested: bool,
+    #[serde(default)]
+    pub target_node_domain_detected: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node_domain_ready_timestamp: Option<DateTime<Utc>>,
 }
 
 /// `VirtualMachineInstanceMigration` (`kubevirt.io/v1`).
@@ -162,6 +173,37 @@ impl VirtualMachineInstance {
             .filter(|n| !n.is_empty())
     }
 
+    /// The guest memory in bytes (`spec.domain.memory.guest`, else the memory request).
+    pub fn memory_bytes(&self) -> Option<u64> {
+        let domain = self.spec.rest.get("domain")?;
+        let q = domain["memory"]["guest"]
+            .as_str()
+            .or(domain["resources"]["requests"]["memory"].as_str())?;
+        super::config::parse_quantity(q).ok()
+    }
+
+    pub fn migration_state(&self) -> Option<&MigrationState> {
+        self.status.as_ref()?.migration_state.as_ref()
+    }
+
+    /// The `kubevirt.io/nodeName` label.
+    pub fn node_label(&self) -> Option<&str> {
+        self.metadata
+            .labels
+            .as_ref()?
+            .get(super::launcher::NODE_NAME_LABEL)
+            .map(String::as_str)
+    }
+
+    /// The `LiveMigratable` condition, if virt-handler has set it.
+    pub fn live_migratable_condition(&self) -> Option<&VmiCondition> {
+        self.status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "LiveMigratable")
+    }
+
     /// Condition `LiveMigratable` is True (`IsMigratable` in the API types).
     pub fn is_migratable(&self) -> bool {
         self.status.as_ref().is_some_and(|s| {
@@ -207,7 +249,69 @@ impl VirtualMachineInstanceMigration {
     }
 }
 
-fn crd(kind: &str, plural: &str, short: &str, columns: Value) -> Value {
+/// `VirtualMachine` (`kubevirt.io/v1`).
+#[derive(CustomResource, Clone, Debug, Default, Serialize, Deserialize)]
+#[kube(
+    group = "kubevirt.io",
+    version = "v1",
+    kind = "VirtualMachine",
+    namespaced,
+    status = "VmStatus",
+    schema = "disabled",
+    shortname = "vm",
+    plural = "virtualmachines"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineSpec {
+    /// `Always`, `RerunOnFailure`, `Manual`, `Halted` (and `Once`, `WaitAsReceiver`, which the
+    /// bed does not model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_strategy: Option<String>,
+    /// The deprecated boolean form: true = Always, false = Halted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<bool>,
+    /// `{metadata, spec}` of the VMIs the VM starts.
+    #[serde(default)]
+    pub template: Value,
+    #[serde(flatten)]
+    pub rest: BTreeMap<String, Value>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub printable_status: Option<String>,
+    #[serde(default)]
+    pub created: bool,
+    #[serde(default)]
+    pub ready: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_strategy: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub state_change_requests: Vec<StateChangeRequest>,
+    #[serde(flatten)]
+    pub rest: BTreeMap<String, Value>,
+}
+
+/// `VirtualMachineStateChangeRequest`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StateChangeRequest {
+    /// `Start` or `Stop`.
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+fn crd(kind: &str, plural: &str, short: &str, columns: Value, status: bool) -> Value {
+    let subresources = if status {
+        json!({"status": {}})
+    } else {
+        json!({})
+    };
     json!({
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -222,14 +326,17 @@ fn crd(kind: &str, plural: &str, short: &str, columns: Value) -> Value {
             "versions": [{
                 "name": "v1", "served": true, "storage": true,
                 "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}},
-                "subresources": {"status": {}},
+                "subresources": subresources,
                 "additionalPrinterColumns": columns,
             }],
         },
     })
 }
 
-/// The CRD manifests, printer columns as upstream's (`pkg/virt-operator/resource/generate/components/crds.go`).
+/// The CRD manifests as upstream's (`pkg/virt-operator/resource/generate/components/crds.go`,
+/// v1.8.0): printer columns, short names, and a status subresource on VMIMs, VMs and the
+/// KubeVirt CR but not on VMIs (`NewVirtualMachineInstanceCrd` adds none), so whoever writes a
+/// VMI's status writes its labels in the same update.
 pub fn crd_manifests() -> Vec<Value> {
     let age = json!({"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"});
     vec![
@@ -246,6 +353,7 @@ pub fn crd_manifests() -> Vec<Value> {
                 {"name": "Live-Migratable", "type": "string", "priority": 1,
                  "jsonPath": ".status.conditions[?(@.type=='LiveMigratable')].status"},
             ]),
+            false,
         ),
         crd(
             "VirtualMachineInstanceMigration",
@@ -256,6 +364,26 @@ pub fn crd_manifests() -> Vec<Value> {
                 {"name": "VMI", "type": "string", "jsonPath": ".spec.vmiName"},
                 age,
             ]),
+            true,
+        ),
+        crd(
+            "VirtualMachine",
+            "virtualmachines",
+            "vm",
+            json!([
+                age,
+                {"name": "Status", "type": "string", "description": "Human Readable Status",
+                 "jsonPath": ".status.printableStatus"},
+                {"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type=='Ready')].status"},
+            ]),
+            true,
+        ),
+        crd(
+            "KubeVirt",
+            "kubevirts",
+            "kv",
+            json!([age, {"name": "Phase", "type": "string", "jsonPath": ".status.phase"}]),
+            true,
         ),
     ]
 }
@@ -273,7 +401,7 @@ pub async fn install_crds(client: &Client) -> Result<(), KubeVirtError> {
             .await
             .map_err(super::api_err(format!("installing CRD {name}")))?;
     }
-    for name in [VMI_CRD, VMIM_CRD] {
+    for name in [VMI_CRD, VMIM_CRD, VM_CRD, KUBEVIRT_CRD] {
         tokio::time::timeout(
             Duration::from_secs(30),
             await_condition(api.clone(), name, conditions::is_crd_established()),
@@ -290,7 +418,13 @@ pub async fn install_crds(client: &Client) -> Result<(), KubeVirtError> {
         let vmims = Api::<VirtualMachineInstanceMigration>::all(client.clone())
             .list(&Default::default())
             .await;
-        if vmis.is_ok() && vmims.is_ok() {
+        let vms = Api::<VirtualMachine>::all(client.clone())
+            .list(&Default::default())
+            .await;
+        let kvs = Api::<super::config::KubeVirt>::all(client.clone())
+            .list(&Default::default())
+            .await;
+        if vmis.is_ok() && vmims.is_ok() && vms.is_ok() && kvs.is_ok() {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -323,13 +457,18 @@ mod tests {
     }
 
     #[test]
-    fn manifests_have_status_subresource_and_short_names() {
+    fn only_vmis_lack_a_status_subresource() {
         let m = crd_manifests();
         assert_eq!(m[0]["spec"]["names"]["shortNames"], json!(["vmi"]));
         assert_eq!(m[1]["spec"]["names"]["shortNames"], json!(["vmim"]));
-        assert_eq!(
-            m[1]["spec"]["versions"][0]["subresources"],
-            json!({"status": {}})
-        );
+        assert_eq!(m[0]["spec"]["versions"][0]["subresources"], json!({}));
+        for crd in &m[1..] {
+            assert_eq!(
+                crd["spec"]["versions"][0]["subresources"],
+                json!({"status": {}}),
+                "{}",
+                crd["metadata"]["name"]
+            );
+        }
     }
 }

@@ -1,16 +1,20 @@
-//! VMIs and their virt-launcher pods, shaped as virt-controller renders them
+//! VMIs, VMs and their virt-launcher pods, shaped as virt-controller renders them
 //! (`pkg/virt-controller/services/template.go`, `podLabels`, `RenderLaunchManifest`,
-//! `RenderMigrationManifest`), and the `--vms` SPEC (`live=3,none=1,…`).
+//! `RenderMigrationManifest`; the VM's template as `SetupVMIFromVM` in
+//! `pkg/virt-controller/watch/vm/vm.go` copies it).
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use serde_json::json;
+use serde_json::{Value, json};
 
-use super::admitter::{APP_LABEL, DOMAIN_ANNOTATION, EvictionStrategy};
-use super::crds::{VirtualMachineInstance, VirtualMachineInstanceSpec};
+use super::admitter::{APP_LABEL, DOMAIN_ANNOTATION};
+use super::config::format_quantity;
+use super::crds::{
+    VirtualMachine, VirtualMachineInstance, VirtualMachineInstanceSpec, VirtualMachineSpec,
+};
+use super::spec::{RunStrategy, VmGroup, VmiKind};
 
 pub const CREATED_BY_LABEL: &str = "kubevirt.io/created-by";
 pub const VM_NAME_LABEL: &str = "vm.kubevirt.io/name";
@@ -22,164 +26,137 @@ pub const MIGRATION_JOB_NAME_ANNOTATION: &str = "kubevirt.io/migrationJobName";
 /// Whether the bed reports the VMI `LiveMigratable`: "false" stands for what makes real VMIs
 /// non-migratable (e.g. a ReadWriteOnce PVC disk). Default true.
 pub const LIVE_MIGRATABLE_ANNOTATION: &str = "testbed.shutdown-guard.io/live-migratable";
+/// Where the bed's VMI controller starts a VMI the first time: it stands in for kube-scheduler's
+/// choice, which the bed does not run for launcher pods. A `nodeSelector` would do the same but
+/// also bind every migration target, as it does upstream.
+pub const INITIAL_NODE_ANNOTATION: &str = "testbed.shutdown-guard.io/initial-node";
+/// Seconds (decimal) the VMI boots, from Scheduled to Running with its `LiveMigratable`
+/// condition; absent: the simulator's default.
+pub const BOOT_SECONDS_ANNOTATION: &str = "testbed.shutdown-guard.io/boot-seconds";
+pub const KIND_LABEL: &str = "testbed.shutdown-guard.io/kind";
+/// Upstream's default guest memory in the bed when the SPEC names none.
+pub const DEFAULT_MEMORY: u64 = 128 << 20;
 /// Upstream's default `terminationGracePeriodSeconds` for VMIs.
 pub const DEFAULT_VMI_GRACE_SECONDS: i64 = 30;
 /// virt-controller pads the launcher's grace period (`gracePeriodPaddingSeconds`).
 pub const LAUNCHER_GRACE_PADDING_SECONDS: i64 = 30;
-const LAUNCHER_IMAGE: &str = "quay.io/kubevirt/virt-launcher:v1.8.0";
 
-/// The kinds of VMI the SPEC can ask for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum VmiKind {
-    /// LiveMigrate, migratable.
-    Live,
-    /// Eviction strategy None: stops on eviction.
-    None,
-    /// LiveMigrate but not migratable: its eviction is refused forever.
-    Stuck,
-    /// LiveMigrateIfPossible, migratable.
-    IfPossible,
-    /// External: marked for evacuation, left to an external controller.
-    External,
+/// What a VMI of the SPEC looks like, apart from its name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmiTemplate {
+    pub kind: VmiKind,
+    /// Where it starts ([`INITIAL_NODE_ANNOTATION`]); `None`: the least loaded schedulable node.
+    pub node: Option<String>,
+    pub memory: Option<u64>,
+    pub hotplug: bool,
+    pub boot: Option<Duration>,
 }
 
-impl VmiKind {
-    pub const ALL: [VmiKind; 5] = [
-        Self::Live,
-        Self::None,
-        Self::Stuck,
-        Self::IfPossible,
-        Self::External,
-    ];
-
-    pub fn key(self) -> &'static str {
-        match self {
-            Self::Live => "live",
-            Self::None => "none",
-            Self::Stuck => "stuck",
-            Self::IfPossible => "ifpossible",
-            Self::External => "external",
+impl VmiTemplate {
+    pub fn new(kind: VmiKind, node: Option<&str>) -> Self {
+        Self {
+            kind,
+            node: node.map(str::to_owned),
+            memory: None,
+            hotplug: false,
+            boot: None,
         }
     }
 
-    pub fn strategy(self) -> EvictionStrategy {
-        match self {
-            Self::Live | Self::Stuck => EvictionStrategy::LiveMigrate,
-            Self::None => EvictionStrategy::None,
-            Self::IfPossible => EvictionStrategy::LiveMigrateIfPossible,
-            Self::External => EvictionStrategy::External,
+    /// The template of a SPEC group, starting on the group's node or `default_node`.
+    pub fn of_group(group: &VmGroup, default_node: &str) -> Self {
+        Self {
+            kind: group.kind,
+            node: Some(
+                group
+                    .node
+                    .clone()
+                    .unwrap_or_else(|| default_node.to_owned()),
+            ),
+            memory: group.memory,
+            hotplug: group.hotplug,
+            boot: group.boot,
         }
     }
 
-    pub fn migratable(self) -> bool {
-        self != Self::Stuck
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SpecError {
-    #[error("VM spec entry {0:?} is not KIND=COUNT (e.g. live=3,none=1)")]
-    Syntax(String),
-    #[error("unknown VM kind {0:?}; known kinds: live, none, stuck, ifpossible, external")]
-    UnknownKind(String),
-    #[error("count {count:?} for {kind} is not a non-negative integer")]
-    Count { kind: String, count: String },
-    #[error("VM kind {0} is listed twice")]
-    Duplicate(String),
-}
-
-/// How many VMIs of each kind: `live=3,none=1,stuck=1,ifpossible=1,external=1`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VmSpec {
-    pub counts: BTreeMap<VmiKind, u32>,
-}
-
-impl VmSpec {
-    pub fn total(&self) -> u32 {
-        self.counts.values().sum()
-    }
-
-    /// `(kind, name)` for every VMI, named `<kind>-<n>` counting from 1.
-    pub fn names(&self) -> Vec<(VmiKind, String)> {
-        self.counts
-            .iter()
-            .flat_map(|(kind, count)| {
-                (1..=*count).map(move |i| (*kind, format!("{}-{i}", kind.key())))
-            })
-            .collect()
-    }
-}
-
-impl FromStr for VmSpec {
-    type Err = SpecError;
-
-    fn from_str(s: &str) -> Result<Self, SpecError> {
-        let mut counts = BTreeMap::new();
-        for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            let (kind, count) = entry
-                .split_once('=')
-                .ok_or_else(|| SpecError::Syntax(entry.to_owned()))?;
-            let (kind, count) = (kind.trim(), count.trim());
-            let parsed = VmiKind::ALL
-                .into_iter()
-                .find(|k| k.key().eq_ignore_ascii_case(kind))
-                .ok_or_else(|| SpecError::UnknownKind(kind.to_owned()))?;
-            let n = count.parse::<u32>().map_err(|_| SpecError::Count {
-                kind: kind.to_owned(),
-                count: count.to_owned(),
-            })?;
-            if counts.insert(parsed, n).is_some() {
-                return Err(SpecError::Duplicate(kind.to_owned()));
-            }
+    fn metadata(&self) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+        let labels = BTreeMap::from([(KIND_LABEL.to_owned(), self.kind.key().to_owned())]);
+        let mut annotations = BTreeMap::from([(
+            LIVE_MIGRATABLE_ANNOTATION.to_owned(),
+            self.kind.migratable().to_string(),
+        )]);
+        if let Some(node) = &self.node {
+            annotations.insert(INITIAL_NODE_ANNOTATION.into(), node.clone());
         }
-        Ok(Self { counts })
+        if let Some(boot) = self.boot {
+            annotations.insert(
+                BOOT_SECONDS_ANNOTATION.into(),
+                boot.as_secs_f64().to_string(),
+            );
+        }
+        (labels, annotations)
+    }
+
+    fn spec(&self, name: &str) -> VirtualMachineInstanceSpec {
+        let memory = format_quantity(self.memory.unwrap_or(DEFAULT_MEMORY));
+        let mut disks = vec![json!({"name": "containerdisk", "disk": {"bus": "virtio"}})];
+        let mut volumes = vec![json!({"name": "containerdisk",
+                                      "containerDisk": {"image": "quay.io/containerdisks/fedora:latest"}})];
+        if self.hotplug {
+            // A hotplugged PVC, as `virtctl addvolume` leaves it in the spec.
+            disks.push(json!({"name": "hotplug-disk", "disk": {"bus": "scsi"}}));
+            volumes.push(json!({"name": "hotplug-disk",
+                                "persistentVolumeClaim": {"claimName": format!("{name}-hotplug"), "hotpluggable": true}}));
+        }
+        VirtualMachineInstanceSpec {
+            eviction_strategy: Some(self.kind.strategy().as_str().to_owned()),
+            termination_grace_period_seconds: Some(DEFAULT_VMI_GRACE_SECONDS),
+            node_selector: None,
+            rest: BTreeMap::from([
+                (
+                    "domain".to_owned(),
+                    json!({"devices": {"disks": disks}, "resources": {"requests": {"memory": memory}}}),
+                ),
+                ("volumes".to_owned(), Value::Array(volumes)),
+            ]),
+        }
+    }
+
+    pub fn vmi(&self, name: &str, namespace: &str) -> VirtualMachineInstance {
+        let mut vmi = VirtualMachineInstance::new(name, self.spec(name));
+        let (labels, annotations) = self.metadata();
+        vmi.metadata.namespace = Some(namespace.to_owned());
+        vmi.metadata.labels = Some(labels);
+        vmi.metadata.annotations = Some(annotations);
+        vmi
+    }
+
+    /// A VirtualMachine whose VMIs look like [`VmiTemplate::vmi`].
+    pub fn vm(&self, name: &str, namespace: &str, strategy: RunStrategy) -> VirtualMachine {
+        let (labels, annotations) = self.metadata();
+        let mut vm = VirtualMachine::new(
+            name,
+            VirtualMachineSpec {
+                run_strategy: Some(strategy.as_str().to_owned()),
+                running: None,
+                template: json!({"metadata": {"labels": labels, "annotations": annotations},
+                                 "spec": self.spec(name)}),
+                rest: BTreeMap::new(),
+            },
+        );
+        vm.metadata.namespace = Some(namespace.to_owned());
+        vm
     }
 }
 
-impl fmt::Display for VmSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = self
-            .counts
-            .iter()
-            .map(|(k, n)| format!("{}={n}", k.key()))
-            .collect();
-        f.write_str(&parts.join(","))
-    }
-}
-
-/// A VMI pinned to `node` (by `nodeSelector`, which the bed's VMI controller honours).
+/// A VMI of `kind` that starts on `node`.
 pub fn vmi_object(
     name: &str,
     namespace: &str,
     node: &str,
     kind: VmiKind,
 ) -> VirtualMachineInstance {
-    let mut vmi = VirtualMachineInstance::new(
-        name,
-        VirtualMachineInstanceSpec {
-            eviction_strategy: Some(kind.strategy().as_str().to_owned()),
-            termination_grace_period_seconds: Some(DEFAULT_VMI_GRACE_SECONDS),
-            node_selector: Some(BTreeMap::from([(
-                "kubernetes.io/hostname".to_owned(),
-                node.to_owned(),
-            )])),
-            rest: BTreeMap::from([(
-                "domain".to_owned(),
-                json!({"devices": {"disks": [{"name": "containerdisk", "disk": {"bus": "virtio"}}]},
-                       "resources": {"requests": {"memory": "128Mi"}}}),
-            )]),
-        },
-    );
-    vmi.metadata.namespace = Some(namespace.to_owned());
-    vmi.metadata.labels = Some(BTreeMap::from([(
-        "testbed.shutdown-guard.io/kind".to_owned(),
-        kind.key().to_owned(),
-    )]));
-    vmi.metadata.annotations = Some(BTreeMap::from([(
-        LIVE_MIGRATABLE_ANNOTATION.to_owned(),
-        kind.migratable().to_string(),
-    )]));
-    vmi
+    VmiTemplate::new(kind, Some(node)).vmi(name, namespace)
 }
 
 /// The launcher pod's grace period: the VMI's plus virt-controller's padding.
@@ -196,6 +173,7 @@ pub fn launcher_pod(
     vmi: &VirtualMachineInstance,
     node: &str,
     migration: Option<(&str, &str)>,
+    image: &str,
 ) -> Pod {
     let name = vmi.metadata.name.clone().unwrap_or_default();
     let uid = vmi.metadata.uid.clone().unwrap_or_default();
@@ -248,7 +226,7 @@ pub fn launcher_pod(
             "automountServiceAccountToken": false,
             "enableServiceLinks": false,
             "containers": [{
-                "name": "compute", "image": LAUNCHER_IMAGE,
+                "name": "compute", "image": image,
                 "command": ["/usr/bin/virt-launcher-monitor", "--qemu-timeout", "5m", "--name", name,
                             "--uid", uid, "--namespace", vmi.metadata.namespace, "--kubevirt-share-dir",
                             "/var/run/kubevirt", "--ephemeral-disk-dir", "/var/run/kubevirt-ephemeral-disks",
@@ -269,55 +247,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spec_parses_counts_and_names() {
-        let spec: VmSpec = "live=3,none=1,stuck=1,ifpossible=1,external=1"
-            .parse()
-            .unwrap();
-        assert_eq!(spec.total(), 7);
-        assert_eq!(spec.counts[&VmiKind::Live], 3);
-        let names: Vec<String> = spec.names().into_iter().map(|(_, n)| n).collect();
-        assert_eq!(names[..3], ["live-1", "live-2", "live-3"]);
-        assert_eq!(
-            spec.to_string(),
-            "live=3,none=1,stuck=1,ifpossible=1,external=1"
-        );
-        assert_eq!("".parse::<VmSpec>().unwrap().total(), 0);
-    }
-
-    #[test]
-    fn spec_errors_are_clear() {
-        assert_eq!(
-            "live3".parse::<VmSpec>(),
-            Err(SpecError::Syntax("live3".into()))
-        );
-        assert_eq!(
-            "fast=1".parse::<VmSpec>(),
-            Err(SpecError::UnknownKind("fast".into()))
-        );
-        assert!(matches!(
-            "live=x".parse::<VmSpec>(),
-            Err(SpecError::Count { .. })
-        ));
-        assert!(matches!(
-            "live=-1".parse::<VmSpec>(),
-            Err(SpecError::Count { .. })
-        ));
-        assert_eq!(
-            "live=1,live=2".parse::<VmSpec>(),
-            Err(SpecError::Duplicate("live".into()))
-        );
-        assert!(
-            SpecError::UnknownKind("fast".into())
-                .to_string()
-                .contains("live, none, stuck, ifpossible, external")
-        );
-    }
-
-    #[test]
     fn launcher_pod_has_upstream_shape() {
         let mut vmi = vmi_object("live-1", "default", "node-1", VmiKind::Live);
         vmi.metadata.uid = Some("u-1".into());
-        let pod = launcher_pod(&vmi, "node-1", None);
+        let pod = launcher_pod(&vmi, "node-1", None, "img");
         let labels = pod.metadata.labels.clone().unwrap();
         assert_eq!(labels["kubevirt.io"], "virt-launcher");
         assert_eq!(labels["kubevirt.io/created-by"], "u-1");
@@ -335,7 +268,12 @@ mod tests {
             Some(true)
         );
 
-        let target = launcher_pod(&vmi, "node-2", Some(("m-uid", "kubevirt-evacuation-abc")));
+        let target = launcher_pod(
+            &vmi,
+            "node-2",
+            Some(("m-uid", "kubevirt-evacuation-abc")),
+            "img",
+        );
         assert_eq!(
             target.metadata.labels.unwrap()[MIGRATION_JOB_LABEL],
             "m-uid"

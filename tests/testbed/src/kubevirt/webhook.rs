@@ -2,8 +2,12 @@
 //! every `pods/eviction` of a pod whose name starts with `virt-launcher`, registered the way
 //! virt-operator registers it (`pkg/virt-operator/resource/generate/components/webhooks.go`:
 //! `virt-launcher-eviction-interceptor.kubevirt.io`, failurePolicy Fail, sideEffects
-//! NoneOnDryRun, timeout 10 s, match condition `only-vms`), but reached by `url` with a
-//! `caBundle` since there is no Service network in the bed.
+//! NoneOnDryRun, timeout 10 s, match condition `only-vms`; from v1.7.0 also
+//! `hotplug-pod-eviction-interceptor.kubevirt.io` for `hp-volume-*` pods), but reached by `url`
+//! with a `caBundle` since there is no Service network in the bed.
+//!
+//! It listens on a port of its own so a test can take it down (connection refused) or slow it
+//! ([`WebhookFault`]) without touching the rest of virt-api.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -23,18 +27,34 @@ use kube::api::{EvictParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 
-use super::admitter::{self, Admission, EvictionStrategy};
+use super::admitter::{self, Admission};
 use super::crds::VirtualMachineInstance;
+use super::version::KubeVirtVersion;
 use super::{KubeVirtError, api_err};
 use crate::pki::{Ca, KeyPairPem};
 
 /// Name of the ValidatingWebhookConfiguration, as virt-operator names it.
 pub const CONFIGURATION_NAME: &str = "virt-api-validator";
 pub const WEBHOOK_NAME: &str = "virt-launcher-eviction-interceptor.kubevirt.io";
+pub const HOTPLUG_WEBHOOK_NAME: &str = "hotplug-pod-eviction-interceptor.kubevirt.io";
+
+/// A fault of the eviction webhook, as when virt-api is down or overloaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WebhookFault {
+    #[default]
+    None,
+    /// Nothing listens on the webhook's port: kube-apiserver's calls are refused, and with
+    /// failurePolicy Fail every eviction of a virt-launcher pod fails (HTTP 500).
+    Down,
+    /// Every answer comes this late; past the webhook's 10 s timeout kube-apiserver gives up
+    /// and the eviction fails.
+    Slow(Duration),
+}
 /// virt-api's path (`components.PodEvictionValidatePath`).
 pub const PATH: &str = "/pod-eviction-validate";
 
@@ -76,11 +96,13 @@ pub(crate) struct Webhook {
 
 struct State {
     client: Client,
-    cluster_strategy: Option<EvictionStrategy>,
+    cluster: Arc<dyn Fn() -> super::config::ClusterConfig + Send + Sync>,
+    version: KubeVirtVersion,
     requests: Arc<AtomicU64>,
+    fault: watch::Receiver<WebhookFault>,
 }
 
-fn server_config(tls: &WebhookTls) -> Result<rustls::ServerConfig, KubeVirtError> {
+pub(crate) fn server_config(tls: &WebhookTls) -> Result<rustls::ServerConfig, KubeVirtError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let tls_err = |e: &dyn std::fmt::Display| KubeVirtError::Tls(e.to_string());
@@ -102,11 +124,13 @@ fn server_config(tls: &WebhookTls) -> Result<rustls::ServerConfig, KubeVirtError
     Ok(config)
 }
 
-/// Starts serving on a free loopback port.
+/// Starts serving on a free loopback port; `fault` takes it down or slows it.
 pub(crate) async fn serve(
     client: Client,
     tls: &WebhookTls,
-    cluster_strategy: Option<EvictionStrategy>,
+    cluster: Arc<dyn Fn() -> super::config::ClusterConfig + Send + Sync>,
+    version: KubeVirtVersion,
+    fault: watch::Receiver<WebhookFault>,
 ) -> Result<Webhook, KubeVirtError> {
     let acceptor = TlsAcceptor::from(Arc::new(server_config(tls)?));
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
@@ -116,32 +140,12 @@ pub(crate) async fn serve(
     let requests = Arc::new(AtomicU64::new(0));
     let state = Arc::new(State {
         client,
-        cluster_strategy,
+        cluster,
+        version,
         requests: requests.clone(),
+        fault: fault.clone(),
     });
-    let task = tokio::spawn(async move {
-        // Dropping the set (this task aborted) closes every connection, so a stopped sim
-        // stops answering even on the API server's kept-alive connections.
-        let mut connections = tokio::task::JoinSet::new();
-        loop {
-            while connections.try_join_next().is_some() {}
-            let Ok((tcp, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let acceptor = acceptor.clone();
-            let state = state.clone();
-            connections.spawn(async move {
-                let Ok(stream) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let service = service_fn(move |req| handle(state.clone(), req));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    let task = tokio::spawn(listen(listener, port, acceptor, state, fault));
     Ok(Webhook {
         port,
         requests,
@@ -149,11 +153,82 @@ pub(crate) async fn serve(
     })
 }
 
+/// Accepts until the webhook is taken down, then binds the same port again once it is back.
+async fn listen(
+    first: TcpListener,
+    port: u16,
+    acceptor: TlsAcceptor,
+    state: Arc<State>,
+    mut fault: watch::Receiver<WebhookFault>,
+) {
+    let mut listener = Some(first);
+    loop {
+        let Some(l) = listener.take() else {
+            // Down: wait until it is wanted again, then listen on the same port.
+            while *fault.borrow_and_update() == WebhookFault::Down {
+                if fault.changed().await.is_err() {
+                    return;
+                }
+            }
+            match TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await {
+                Ok(l) => listener = Some(l),
+                Err(e) => {
+                    tracing::warn!(port, error = %e, "eviction webhook cannot listen again; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            continue;
+        };
+        // Dropping the set closes every connection, so a downed or stopped webhook stops
+        // answering even on the API server's kept-alive connections.
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            while connections.try_join_next().is_some() {}
+            tokio::select! {
+                accepted = l.accept() => {
+                    let Ok((tcp, _)) = accepted else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let acceptor = acceptor.clone();
+                    let state = state.clone();
+                    connections.spawn(async move {
+                        let Ok(stream) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let service = service_fn(move |req| handle(state.clone(), req));
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+                changed = fault.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if *fault.borrow_and_update() == WebhookFault::Down {
+                        tracing::info!(port, "eviction webhook down");
+                        break;
+                    }
+                }
+            }
+        }
+        drop(l);
+    }
+}
+
 async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     state.requests.fetch_add(1, Ordering::SeqCst);
+    let slow = match *state.fault.borrow() {
+        WebhookFault::Slow(d) => Some(d),
+        _ => None,
+    };
+    if let Some(delay) = slow {
+        tokio::time::sleep(delay).await;
+    }
     let reply = |code: StatusCode, body: Vec<u8>| {
         Response::builder()
             .status(code)
@@ -202,6 +277,9 @@ async fn admit(state: &State, request: &Value) -> Admission {
     let Ok(pod) = pods.get(name).await else {
         return Admission::Allow;
     };
+    if state.version.hotplug_eviction_webhook() && super::hotplug::is_attachment_pod(&pod) {
+        return admit_hotplug_pod(state, namespace, &pod).await;
+    }
     let Some(vmi_name) = admitter::launcher_vmi_name(&pod) else {
         return Admission::Allow;
     };
@@ -215,19 +293,16 @@ async fn admit(state: &State, request: &Value) -> Admission {
         .as_ref()
         .and_then(|s| s.node_name.as_deref())
         .unwrap_or_default();
-    match admitter::decide(pod_node, &vmi, state.cluster_strategy) {
+    match admitter::decide(pod_node, &vmi, (state.cluster)().eviction_strategy) {
         Admission::MarkAndDeny { node, message } => {
-            // Upstream sends a JSON patch `add /status/evacuationNodeName`; a merge patch on the
-            // status subresource has the same effect here.
+            // Upstream sends a JSON patch `add /status/evacuationNodeName` to the VMI itself
+            // (no status subresource); a merge patch has the same effect.
             let params = PatchParams {
                 dry_run: admitter::is_dry_run(request),
                 ..PatchParams::default()
             };
             let patch = json!({"status": {"evacuationNodeName": node}});
-            match vmis
-                .patch_status(vmi_name, &params, &Patch::Merge(patch))
-                .await
-            {
+            match vmis.patch(vmi_name, &params, &Patch::Merge(patch)).await {
                 Ok(_) => Admission::Deny(message),
                 Err(e) => Admission::Deny(admitter::mark_failed_message(&describe(&e))),
             }
@@ -236,26 +311,72 @@ async fn admit(state: &State, request: &Value) -> Admission {
     }
 }
 
+/// `admitHotplugPod` (v1.7+): an attachment pod may not be evicted while its launcher pod
+/// runs and the VMI it names exists.
+async fn admit_hotplug_pod(state: &State, namespace: &str, pod: &Pod) -> Admission {
+    let Some((owner, _)) = super::hotplug::owner_pod(pod) else {
+        return Admission::Allow;
+    };
+    let pods = Api::<Pod>::namespaced(state.client.clone(), namespace);
+    let owner = match pods.get(owner).await {
+        Ok(p) => p,
+        Err(kube::Error::Api(s)) if s.code == 404 => return Admission::Allow,
+        Err(e) => {
+            return Admission::Deny(format!(
+                "failed getting owner for hotplug pod: {}",
+                describe(&e)
+            ));
+        }
+    };
+    let Some(vmi_name) = admitter::launcher_vmi_name(&owner) else {
+        return Admission::Allow;
+    };
+    let vmis = Api::<VirtualMachineInstance>::namespaced(state.client.clone(), namespace);
+    match vmis.get(vmi_name).await {
+        Ok(_) => Admission::Deny(admitter::hotplug_denied_message(
+            pod.metadata.name.as_deref().unwrap_or_default(),
+            vmi_name,
+            namespace,
+        )),
+        Err(kube::Error::Api(s)) if s.code == 404 => Admission::Allow,
+        Err(e) => Admission::Deny(admitter::vmi_lookup_failed_message(&describe(&e))),
+    }
+}
+
 /// Registers the webhook at `https://127.0.0.1:<port>/pod-eviction-validate`.
 pub(crate) async fn register(
     client: &Client,
     port: u16,
     ca_bundle_pem: &str,
+    version: KubeVirtVersion,
 ) -> Result<(), KubeVirtError> {
-    let config = json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingWebhookConfiguration",
-        "metadata": {"name": CONFIGURATION_NAME, "labels": {"app.kubernetes.io/component": "kubevirt"}},
-        "webhooks": [{
-            "name": WEBHOOK_NAME,
+    let hook = |name: &str, condition: serde_json::Value| {
+        json!({
+            "name": name,
             "admissionReviewVersions": ["v1"],
             "failurePolicy": "Fail",
             "timeoutSeconds": 10,
             "sideEffects": "NoneOnDryRun",
             "rules": [{"operations": ["*"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods/eviction"]}],
             "clientConfig": {"url": format!("https://127.0.0.1:{port}{PATH}"), "caBundle": ByteString(ca_bundle_pem.as_bytes().to_vec())},
-            "matchConditions": [{"name": "only-vms", "expression": "object.metadata.name.startsWith(\"virt-launcher\")"}],
-        }],
+            "matchConditions": [condition],
+        })
+    };
+    let mut webhooks = vec![hook(
+        WEBHOOK_NAME,
+        json!({"name": "only-vms", "expression": "object.metadata.name.startsWith(\"virt-launcher\")"}),
+    )];
+    if version.hotplug_eviction_webhook() {
+        webhooks.push(hook(
+            HOTPLUG_WEBHOOK_NAME,
+            json!({"name": "only-hotplug-pods", "expression": "object.metadata.name.startsWith(\"hp-volume-\")"}),
+        ));
+    }
+    let config = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": CONFIGURATION_NAME, "labels": {"app.kubernetes.io/component": "kubevirt"}},
+        "webhooks": webhooks,
     });
     Api::<ValidatingWebhookConfiguration>::all(client.clone())
         .patch(
