@@ -551,6 +551,13 @@ fn scalar<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         fn visit_f64<E>(self, v: f64) -> Result<String, E> {
             Ok(v.to_string())
         }
+        // An unset optional setting, as a layer writes it.
+        fn visit_unit<E>(self) -> Result<String, E> {
+            Ok(String::new())
+        }
+        fn visit_none<E>(self) -> Result<String, E> {
+            Ok(String::new())
+        }
     }
     d.deserialize_any(V)
 }
@@ -608,7 +615,13 @@ mod opt_duration {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        super::duration::deserialize(d).map(Some)
+        let raw = scalar(d)?;
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        duration_of(&raw)
+            .map(Some)
+            .map_err(|allowed| refused(&raw, &allowed))
     }
 }
 

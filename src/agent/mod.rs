@@ -258,8 +258,10 @@ fn spawn_heartbeat(link: Arc<Mutex<StdStream>>) {
 }
 
 /// Faults the reliability tests inject into a real worker (`SGTEST_FAULT=panic:N` or `oom:N`:
-/// after the N-th eviction answer, panic, or allocate until the kernel kills it). Unset in
-/// production; the variable is outside the `SHUTDOWN_GUARD_*` settings on purpose.
+/// after the N-th eviction answer, panic, or allocate until the kernel kills it; with
+/// `SGTEST_FAULT_ONCE=<file>` only while that file does not exist, so a restarted worker goes
+/// on). Unset in production; the variables are outside the `SHUTDOWN_GUARD_*` settings on
+/// purpose.
 struct Faults<R> {
     inner: R,
     fault: Option<(String, usize)>,
@@ -268,10 +270,20 @@ struct Faults<R> {
 
 impl<R> Faults<R> {
     fn from_env(inner: R) -> Self {
-        let fault = std::env::var("SGTEST_FAULT").ok().and_then(|v| {
-            let (kind, n) = v.split_once(':')?;
-            Some((kind.to_string(), n.parse().ok()?))
-        });
+        let once = std::env::var_os("SGTEST_FAULT_ONCE").map(std::path::PathBuf::from);
+        let spent = once.as_ref().is_some_and(|f| f.exists());
+        let fault = std::env::var("SGTEST_FAULT")
+            .ok()
+            .filter(|_| !spent)
+            .and_then(|v| {
+                let (kind, n) = v.split_once(':')?;
+                Some((kind.to_string(), n.parse().ok()?))
+            });
+        if fault.is_some()
+            && let Some(f) = &once
+        {
+            let _ = std::fs::write(f, b"");
+        }
         Faults {
             inner,
             fault,

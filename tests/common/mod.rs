@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use testbed::bed::{Bed, BedOptions, NODE, Release};
@@ -190,4 +191,45 @@ pub fn secs(d: f64) -> String {
 
 pub fn now() -> SystemTime {
     SystemTime::now()
+}
+
+/// A delay lock on node-1 held by `systemd-inhibit` as a pod, until the child is dropped.
+pub async fn hold_delay_lock(bed: &Bed, who: &str, why: &str) -> tokio::process::Child {
+    let what = format!("--who={who}");
+    let why = format!("--why={why}");
+    let child = bed
+        .pod_command(
+            "systemd-inhibit",
+            &[
+                "--what=shutdown",
+                &what,
+                &why,
+                "--mode=delay",
+                "sleep",
+                "300",
+            ],
+        )
+        .await
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("systemd-inhibit starts");
+    let listed = testbed::wait::until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            bed.list_inhibitors()
+                .await
+                .ok()
+                .filter(|l| l.iter().any(|i| i.who == who && i.mode == "delay"))
+        },
+    )
+    .await;
+    assert!(
+        listed.is_some(),
+        "{who}'s lock not listed by logind within 10 s"
+    );
+    child
 }
