@@ -13,6 +13,7 @@
 mod common;
 
 use common::{AGENT, WHO, guard_lock, init_tracing, server_write_before, wait_for_lock_logged};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
@@ -141,61 +142,119 @@ async fn manifests_apply_server_side_and_the_daemonset_is_what_the_agent_needs()
     assert_eq!(bus.path, "/run/dbus");
     assert_eq!(bus.type_.as_deref(), Some("Directory"));
 
+    // Two containers: the lock holder (a restartable init container, the only one with the
+    // bus) and the drain worker, which talks to the API server.
     assert_eq!(pod.containers.len(), 1);
+    let inits = pod.init_containers.clone().unwrap_or_default();
+    assert_eq!(inits.len(), 1, "one init container: the holder");
+    let holder = &inits[0];
     let c = &pod.containers[0];
-    let bus_mount = c
-        .volume_mounts
-        .iter()
-        .flatten()
+    assert_eq!(
+        holder.restart_policy.as_deref(),
+        Some("Always"),
+        "the holder runs beside the worker (a sidecar), started first"
+    );
+    let mounts =
+        |c: &k8s_openapi::api::core::v1::Container| c.volume_mounts.clone().unwrap_or_default();
+    let bus_mount = mounts(holder)
+        .into_iter()
         .find(|m| &m.name == bus_volume)
         .expect("the bus folder is mounted");
     assert_eq!(bus_mount.mount_path, "/run/dbus");
     assert_eq!(bus_mount.read_only, Some(true));
-    let env = c.env.clone().unwrap_or_default();
-    let node_name = env
-        .iter()
-        .find(|e| e.name == "NODE_NAME")
-        .expect("NODE_NAME is set");
-    assert_eq!(
-        node_name
-            .value_from
-            .as_ref()
-            .and_then(|v| v.field_ref.as_ref())
-            .map(|f| f.field_path.as_str()),
-        Some("spec.nodeName"),
-        "NODE_NAME from the downward API"
+    assert!(
+        !mounts(c).iter().any(|m| &m.name == bus_volume),
+        "the worker never sees the system bus"
     );
-    let bus_addr = env
-        .iter()
+    let env_of = |c: &k8s_openapi::api::core::v1::Container| c.env.clone().unwrap_or_default();
+    for container in [holder, c] {
+        let node_name = env_of(container)
+            .into_iter()
+            .find(|e| e.name == "NODE_NAME")
+            .expect("NODE_NAME is set");
+        assert_eq!(
+            node_name
+                .value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str()),
+            Some("spec.nodeName"),
+            "NODE_NAME from the downward API"
+        );
+    }
+    let bus_addr = env_of(holder)
+        .into_iter()
         .find(|e| e.name == "DBUS_SYSTEM_BUS_ADDRESS")
-        .and_then(|e| e.value.clone());
+        .and_then(|e| e.value);
     assert_eq!(
         bus_addr.as_deref(),
         Some("unix:path=/run/dbus/system_bus_socket")
     );
-
-    let sc = c
-        .security_context
-        .clone()
-        .expect("container securityContext");
-    assert_eq!(sc.read_only_root_filesystem, Some(true));
-    assert_eq!(sc.allow_privilege_escalation, Some(false));
-    assert_ne!(sc.privileged, Some(true));
-    let caps = sc.capabilities.expect("capabilities");
-    assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
+    // The two meet at one socket in a volume of the pod's own.
+    let arg_after = |c: &k8s_openapi::api::core::v1::Container, flag: &str| {
+        let args = c.args.clone().unwrap_or_default();
+        let at = args.iter().position(|a| a == flag)?;
+        args.get(at + 1).cloned()
+    };
+    assert_eq!(
+        holder
+            .args
+            .as_ref()
+            .and_then(|a| a.first())
+            .map(String::as_str),
+        Some("run")
+    );
+    assert_eq!(
+        c.args.as_ref().and_then(|a| a.first()).map(String::as_str),
+        Some("worker")
+    );
+    let socket = arg_after(holder, "--link-socket").expect("the holder's --link-socket");
+    assert_eq!(arg_after(c, "--link-socket"), Some(socket.clone()));
+    let link_volume = |c: &k8s_openapi::api::core::v1::Container| {
+        mounts(c)
+            .into_iter()
+            .find(|m| Path::new(&socket).starts_with(&m.mount_path))
+            .map(|m| m.name)
+    };
+    let shared = link_volume(holder).expect("the socket's folder is mounted in the holder");
+    assert_eq!(link_volume(c), Some(shared.clone()));
     assert!(
-        caps.add.unwrap_or_default().is_empty(),
-        "no capability added"
+        volumes
+            .iter()
+            .any(|v| v.name == shared && v.empty_dir.is_some()),
+        "the socket lives in an emptyDir"
     );
 
-    let res = c.resources.clone().expect("resources");
-    for (what, m) in [("requests", &res.requests), ("limits", &res.limits)] {
-        let m = m.as_ref().unwrap_or_else(|| panic!("no {what}"));
+    for (who, container, uid) in [("holder", holder, 0), ("worker", c, 65534)] {
+        let sc = container
+            .security_context
+            .clone()
+            .unwrap_or_else(|| panic!("{who}: securityContext"));
+        assert_eq!(sc.run_as_user, Some(uid), "{who} runs as {uid}");
+        assert_eq!(sc.read_only_root_filesystem, Some(true), "{who}");
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{who}");
+        assert_ne!(sc.privileged, Some(true), "{who}");
+        let caps = sc.capabilities.expect("capabilities");
+        assert_eq!(caps.drop, Some(vec!["ALL".to_string()]), "{who}");
         assert!(
-            m.contains_key("cpu") && m.contains_key("memory"),
-            "{what}: {m:?}"
+            caps.add.unwrap_or_default().is_empty(),
+            "{who}: no capability added"
         );
+        let res = container.resources.clone().expect("resources");
+        for (what, m) in [("requests", &res.requests), ("limits", &res.limits)] {
+            let m = m.as_ref().unwrap_or_else(|| panic!("{who}: no {what}"));
+            assert!(
+                m.contains_key("cpu") && m.contains_key("memory"),
+                "{who} {what}: {m:?}"
+            );
+        }
     }
+    assert_eq!(
+        c.security_context.as_ref().and_then(|s| s.run_as_non_root),
+        Some(true)
+    );
+    // A probe that fails restarts its container: the holder has none.
+    assert!(holder.liveness_probe.is_none() && holder.readiness_probe.is_none());
 
     let port = c
         .ports
@@ -292,6 +351,9 @@ async fn manifests_apply_server_side_and_the_daemonset_is_what_the_agent_needs()
         "kubevirt.io/virtualmachineinstances:list",
         "kubevirt.io/virtualmachineinstances:watch",
         "kubevirt.io/kubevirts:list",
+        "kubevirt.io/virtualmachineinstancemigrations:list",
+        "kubevirt.io/virtualmachineinstancemigrations:delete",
+        "subresources.kubevirt.io/virtualmachineinstances/evacuate:update",
         "events.k8s.io/events:create",
         "events.k8s.io/events:patch",
     ];
@@ -402,23 +464,66 @@ async fn the_daemonset_identity_drains_its_node_and_is_refused_elsewhere() {
         "the pod-bound token carries the pod's node"
     );
 
-    // The agent as the DaemonSet runs it: that token, uid 0, no capabilities.
+    // The agent as the DaemonSet runs it: the holder as uid 0 without capabilities, the worker
+    // as 65534 without capabilities, meeting at a socket in a folder of their own; the worker
+    // with the pod-bound token.
     let recorder = Recorder::start(admin.clone(), NODE).await;
+    let shared = tempfile::tempdir_in(bed.control_plane.dir()).unwrap();
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = shared.path().join("link.sock").display().to_string();
+    let worker_kc = shared.path().join("token.kubeconfig");
+    std::fs::copy(&kubeconfig, &worker_kc).unwrap();
+    std::fs::set_permissions(&worker_kc, std::fs::Permissions::from_mode(0o644)).unwrap();
     let log = bed.control_plane.dir().join("agent-daemonset-identity.log");
     let file = std::fs::File::create(&log).unwrap();
     let mut args: Vec<&str> = DROP_ALL.to_vec();
-    let kc = kubeconfig.display().to_string();
-    args.extend([AGENT, "run", "--log-format", "json", "--kubeconfig", &kc]);
+    args.extend([
+        AGENT,
+        "run",
+        "--log-format",
+        "json",
+        "--link-socket",
+        &socket,
+        "--state-dir",
+    ]);
+    let state = shared.path().display().to_string();
+    args.push(&state);
     let mut agent = bed
         .pod_command("setpriv", &args)
         .await
         .env("NODE_NAME", NODE)
-        .env("KUBECONFIG", &kubeconfig)
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file.try_clone().unwrap()))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the holder starts");
+    let kc = worker_kc.display().to_string();
+    // The image's binary is readable by anyone; the test's lives under root's home.
+    let binary = shared.path().join("shutdown-guard");
+    std::fs::copy(AGENT, &binary).unwrap();
+    let binary = binary.display().to_string();
+    let mut wargs: Vec<&str> = vec!["--reuid=65534", "--regid=65534", "--clear-groups"];
+    wargs.extend(DROP_ALL);
+    wargs.extend([
+        &binary,
+        "worker",
+        "--log-format",
+        "json",
+        "--link-socket",
+        &socket,
+        "--kubeconfig",
+        &kc,
+    ]);
+    let mut worker = bed
+        .pod_command("setpriv", &wargs)
+        .await
+        .env("NODE_NAME", NODE)
+        .env("KUBECONFIG", &worker_kc)
         .stdout(Stdio::from(file.try_clone().unwrap()))
         .stderr(Stdio::from(file))
         .kill_on_drop(true)
         .spawn()
-        .expect("the agent starts");
+        .expect("the worker starts");
     let lock = wait_for_lock_logged(&bed, &log, Duration::from_secs(30)).await;
     assert_eq!(lock.uid, 0);
     // The agent is running for node-1 with the token before the power-off: no 403 so far.
@@ -433,6 +538,7 @@ async fn the_daemonset_identity_drains_its_node_and_is_refused_elsewhere() {
     });
     let powered_off = bed.wait_poweroff(timeout).await.expect("node-1 powers off");
     let agent_log = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = worker.kill().await;
     let _ = agent.kill().await;
 
     // A full drain: cordoned, the LiveMigrate VMIs migrated, the None VM stopped, all before
