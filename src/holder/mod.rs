@@ -30,7 +30,7 @@ use crate::config::Settings;
 use crate::drain::keeper::{Keeper, KeeperConfig, KeeperEffect, KeeperInput};
 use crate::host::logind::{self, LockControl, LogindEvent};
 use crate::host::{bootid, logind_conf};
-use link::{ToHolder, ToWorker};
+use link::ToHolder;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HolderError {
@@ -144,13 +144,7 @@ pub async fn run(settings: Settings, worker_args: Vec<OsString>) -> Result<(), H
                 fx.extend(keeper.handle(Instant::now(), i));
             }
         }
-        let wake = keeper.next_wakeup();
-        let sleep = async move {
-            match wake {
-                Some(t) => tokio::time::sleep_until(t.into()).await,
-                None => std::future::pending().await,
-            }
-        };
+        let sleep = crate::driver::wake_at(keeper.next_wakeup());
         let from_worker = async {
             match worker.as_mut() {
                 Some(Worker {
@@ -335,7 +329,7 @@ async fn execute(
         }
         KeeperEffect::Tell(t) => {
             if let Some(w) = worker.as_mut() {
-                let line = format!("{}\n", ToWorker::from(t));
+                let line = format!("{t}\n");
                 if let Err(e) = w.tx.write_all(line.as_bytes()).await {
                     debug!(node = %node, error = %e, "writing to the worker failed");
                 }
