@@ -71,7 +71,9 @@ rm -f go.sum
 "$GO" build -trimpath -o "$bin/helm.new" \
     -ldflags "-s -w -X $helm_module/internal/version.version=$HELM_VERSION -X $helm_module/internal/version.gitTreeState=clean" \
     "$helm_module/cmd/helm"
-"$GO" build -trimpath -o "$bin/promtool.new" \
+# remove_all_sd leaves out Prometheus' service-discovery plugins (cloud SDKs), which rule checks
+# and rule tests never use: a much smaller build.
+"$GO" build -trimpath -tags remove_all_sd -o "$bin/promtool.new" \
     -ldflags "-s -w -X github.com/prometheus/common/version.Version=$PROMETHEUS_VERSION -X github.com/prometheus/common/version.Branch=HEAD" \
     github.com/prometheus/prometheus/cmd/promtool
 
