@@ -163,7 +163,7 @@ pub async fn drains_its_node_and_is_refused_elsewhere(bed: &Bed, ns: &str, sa: &
         .kill_on_drop(true)
         .spawn()
         .expect("the agent starts");
-    let lock = wait_for_lock_logged(&bed, &log, Duration::from_secs(30)).await;
+    let lock = wait_for_lock_logged(bed, &log, Duration::from_secs(30)).await;
     assert_eq!(lock.uid, 0);
     // The agent is running for node-1 with the token before the power-off: no 403 so far.
     let requested = SystemTime::now();
