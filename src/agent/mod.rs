@@ -142,6 +142,14 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
         s.node = node.clone();
         s.drain_budget_s = Some(settings.drain_budget.as_secs_f64());
     });
+    admin
+        .metrics
+        .drain_budget
+        .set(settings.drain_budget.as_secs_f64());
+    admin
+        .metrics
+        .safety_margin
+        .set(settings.safety_margin.as_secs_f64());
     // Metrics and probes are worth less than the drain: a port in use is logged, not fatal.
     match admin::bind(settings.listen_address).await {
         Ok(l) => admin::serve(l, admin.clone()),
@@ -207,6 +215,7 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
     driver.feed(input_of(first));
 
     let tx = driver.sender();
+    let metrics = admin.metrics.clone();
     startup::spawn_reconcile(
         Api::all(client.clone()),
         node.clone(),
@@ -214,6 +223,13 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
         preparing,
         tx.clone(),
         events.clone(),
+        // The drain before this boot, for the alerts about it (its node may have gone down
+        // before any scrape saw its end).
+        move |last| {
+            if let Some(last) = last {
+                metrics.last_drain(&last);
+            }
+        },
     );
     startup::spawn_logind_config_check(&settings, delay_max, events);
 

@@ -57,9 +57,9 @@ impl AgentReporter {
         m.draining.set(0);
         let reason = match end.reason {
             EndReason::Cancelled => {
-                self.reports.send(Report::LastShutdown(
-                    self.record(end, ShutdownOutcome::Cancelled),
-                ));
+                let last = self.record(end, ShutdownOutcome::Cancelled);
+                m.last_drain(&last);
+                self.reports.send(Report::LastShutdown(last));
                 if snapshot.lock_held {
                     self.reports.condition(
                         GuardState::Ready,
@@ -101,6 +101,7 @@ impl AgentReporter {
         };
         self.reports.condition(state, message);
         let last = self.record(end, outcome);
+        m.last_drain(&last);
         self.admin.update(|s| s.last_shutdown = Some(last.clone()));
         self.reports.send(Report::LastShutdown(last));
     }
