@@ -38,18 +38,21 @@ pub const NODE: &str = "node-1";
 /// Namespace the bed's VMIs live in.
 pub const VM_NAMESPACE: &str = "default";
 
+/// What can go wrong with the bed. Each variant shows the whole message of what went wrong
+/// below it and does not chain it as its `source()` as well: `{:#}` (anyhow's chain) would
+/// print it twice. The inner errors may still chain their own causes.
 #[derive(Debug, thiserror::Error)]
 pub enum BedError {
     #[error("control plane: {0}")]
-    ControlPlane(#[from] ControlPlaneError),
+    ControlPlane(ControlPlaneError),
     #[error("kubelet simulator: {0}")]
-    Kubelet(#[from] KubeletError),
+    Kubelet(KubeletError),
     #[error("KubeVirt simulator: {0}")]
-    KubeVirt(#[from] KubeVirtError),
+    KubeVirt(KubeVirtError),
     #[error("logind: {0}")]
-    Logind(#[from] LogindError),
-    #[error(transparent)]
-    Pod(#[from] PodError),
+    Logind(LogindError),
+    #[error("{0}")]
+    Pod(PodError),
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -59,13 +62,28 @@ pub enum BedError {
          (--loginds N|all, BedOptions::loginds)"
     )]
     NoLogind { node: String, with: String },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
 }
+
+/// `From` without `#[from]`, which would also make the inner error the `source()`.
+macro_rules! bed_error_from {
+    ($($inner:ty => $variant:ident),* $(,)?) => {
+        $(impl From<$inner> for BedError {
+            fn from(e: $inner) -> Self {
+                Self::$variant(e)
+            }
+        })*
+    };
+}
+
+bed_error_from!(
+    ControlPlaneError => ControlPlane,
+    KubeletError => Kubelet,
+    KubeVirtError => KubeVirt,
+    LogindError => Logind,
+    PodError => Pod,
+);
 
 /// Which logind a node runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -719,5 +737,51 @@ impl BedNode<'_> {
     /// Signals the program of every pod the bed started on this node.
     pub async fn kill_pods(&self, signal: Signal) -> Result<String, BedError> {
         self.bed.shared.kill_pods(&self.name, signal).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf() -> std::io::Error {
+        std::io::Error::other("the leaf cause")
+    }
+
+    #[test]
+    fn an_error_chain_shows_each_cause_once() {
+        let errors: Vec<BedError> = vec![
+            ControlPlaneError::Io {
+                what: "starting etcd".into(),
+                source: leaf(),
+            }
+            .into(),
+            KubeletError::Api {
+                action: "renewing a lease".into(),
+                source: kube::Error::ReadEvents(leaf()),
+            }
+            .into(),
+            KubeVirtError::Io(leaf()).into(),
+            LogindError::Io {
+                context: "booting node-1".into(),
+                source: leaf(),
+            }
+            .into(),
+            PodError::Io {
+                what: "spawning a pod".into(),
+                source: leaf(),
+            }
+            .into(),
+            BedError::Io {
+                what: "binding the ctl port".into(),
+                error: leaf(),
+            },
+        ];
+        for e in errors {
+            let shown = e.to_string();
+            let chain = format!("{:#}", anyhow::Error::new(e).context("starting the bed"));
+            assert!(shown.contains("the leaf cause"), "{shown}");
+            assert_eq!(chain.matches("the leaf cause").count(), 1, "{chain}");
+        }
     }
 }

@@ -236,7 +236,7 @@ impl CtlServer {
         let shared: Weak<BedShared> = Arc::downgrade(shared);
         let io = |what: &str| {
             let what = what.to_owned();
-            move |source| BedError::Io { what, source }
+            move |error| BedError::Io { what, error }
         };
         let std_listener =
             std::net::TcpListener::bind("127.0.0.1:0").map_err(io("binding the ctl port"))?;
