@@ -234,8 +234,11 @@ fn each_value_changes_only_what_it_names_and_bad_values_are_refused() {
                 "image.repository=registry.example/sg,image.tag=1.2.3,image.pullPolicy=Always",
             ],
             &[
+                // One image for both processes: the holder runs the same binary.
                 "DaemonSet#0:/spec/template/spec/containers/0/image",
                 "DaemonSet#0:/spec/template/spec/containers/0/imagePullPolicy",
+                "DaemonSet#0:/spec/template/spec/initContainers/0/image",
+                "DaemonSet#0:/spec/template/spec/initContainers/0/imagePullPolicy",
             ],
         ),
         (
@@ -244,6 +247,13 @@ fn each_value_changes_only_what_it_names_and_bad_values_are_refused() {
                 "resources.requests.cpu=50m,resources.limits.memory=256Mi",
             ],
             &["DaemonSet#0:/spec/template/spec/containers/0/resources/**"],
+        ),
+        (
+            &[
+                "--set",
+                "holderResources.requests.cpu=20m,holderResources.limits.memory=64Mi",
+            ],
+            &["DaemonSet#0:/spec/template/spec/initContainers/0/resources/**"],
         ),
         (
             &[
@@ -378,8 +388,9 @@ fn a_changed_manifests_folder_shows_in_the_chart_with_no_edit_and_unknown_kustom
     // What the process-model change might do: another variable, no liveness probe, a setting.
     edit(
         &manifests.join("daemonset.yaml"),
-        "            - name: NODE_NAME\n",
-        "            - name: SHUTDOWN_GUARD_EXAMPLE\n              value: \"1\"\n            - name: NODE_NAME\n",
+        // The worker's env (the holder's init container comes first in the file).
+        "--link-socket\", \"/run/shutdown-guard/link.sock\"]\n          env:\n            - name: NODE_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: spec.nodeName\n          ports:",
+        "--link-socket\", \"/run/shutdown-guard/link.sock\"]\n          env:\n            - name: SHUTDOWN_GUARD_EXAMPLE\n              value: \"1\"\n            - name: NODE_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: spec.nodeName\n          ports:",
     );
     let ds = std::fs::read_to_string(manifests.join("daemonset.yaml")).unwrap();
     let start = ds
