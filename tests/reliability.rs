@@ -432,7 +432,9 @@ async fn every_open_api_connection_frozen_mid_drain() {
     // Budget 115 s: a drain stuck on its dead watch would hold the lock to there.
     assert!(
         lag < 35.0,
-        "the lock went {lag:.3} s after the last VMI left: the frozen watch was not noticed"
+        "the lock went {lag:.3} s after the last VMI left: the frozen watch was not noticed; \
+         agent log:\n{}",
+        agent.log_text()
     );
     eprintln!(
         "open connections frozen +{:.3} s: last VMI left +{:.3} s, lock released {lag:.3} s after it",

@@ -321,11 +321,14 @@ fn fate_of(
                     reason: LossReason::Failed,
                 }
             } else {
+                // The VMI's and its launcher's watches are separate streams: the launcher's
+                // deletion may be seen after the VMI's final phase, so order is not required.
                 let grace = deletions
                     .iter()
                     .filter(|d| d.node == node && d.at <= s.at)
-                    .map(|d| d.grace_seconds)
-                    .next_back();
+                    .next_back()
+                    .or_else(|| deletions.iter().find(|d| d.node == node))
+                    .map(|d| d.grace_seconds);
                 Outcome::StoppedGracefully {
                     node,
                     at: s.at,
@@ -749,6 +752,24 @@ mod tests {
                 at: t(300),
                 grace_seconds: Some(60)
             }
+        );
+    }
+
+    #[test]
+    fn a_launcher_deletion_seen_after_the_final_phase_still_gives_the_grace() {
+        let mut v = started_on("node-1");
+        v.push(s(300, Some("node-1"), "Succeeded"));
+        let del = LauncherDeletion {
+            vmi: "default/vm".into(),
+            pod: "default/virt-launcher-vm-abcde".into(),
+            node: "node-1".into(),
+            at: t(310),
+            grace_seconds: 30,
+        };
+        let f = one(v, &[del], &[("node-1", 500)]);
+        assert!(
+            matches!(f.outcome, Outcome::StoppedGracefully { grace_seconds: Some(30), .. }),
+            "{f:?}"
         );
     }
 
