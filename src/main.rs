@@ -30,7 +30,8 @@ enum Command {
     /// Preflight on the node: would a shutdown now be graceful? Takes the agent's settings.
     /// Exit 1 when a check fails (with --strict also on warnings), 2 on invalid settings.
     Check(CheckArgs),
-    /// The node's guard: lock, last shutdown and its outcome, current drain progress.
+    /// The node's guard: lock, last shutdown and its outcome, current drain progress; with
+    /// --all-nodes every node's, from the API server (also as `kubectl shutdown-guard status`).
     Status(StatusArgs),
     /// Drain a node now with the agent's engine, without a power-off (maintenance).
     /// Exit 0 when the node is empty, 1 on timeout or error.
@@ -75,6 +76,9 @@ struct StatusArgs {
     /// The agent's admin address, for its live view.
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8080")]
     agent: String,
+    /// Every node: guarded or not, lock, pending or last shutdown, VMIs that would not migrate.
+    #[arg(long, short = 'A', conflicts_with_all = ["node", "agent"])]
+    all_nodes: bool,
     #[arg(long, short = 'o', value_enum, default_value = "text")]
     output: Output,
 }
@@ -214,6 +218,9 @@ fn check(a: CheckArgs) -> Result<ExitCode, ExitCode> {
 }
 
 fn status(a: StatusArgs) -> Result<ExitCode, ExitCode> {
+    if a.all_nodes {
+        return status_all_nodes(a);
+    }
     let node = node_of(&a.target)?;
     shutdown_guard::telemetry::init_cli();
     let rt = runtime()?;
@@ -226,6 +233,23 @@ fn status(a: StatusArgs) -> Result<ExitCode, ExitCode> {
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default()),
         Output::Text => print!("{}", shutdown_guard::cli::status::render_text(&s)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status_all_nodes(a: StatusArgs) -> Result<ExitCode, ExitCode> {
+    use shutdown_guard::cli::status;
+    shutdown_guard::telemetry::init_cli();
+    let rt = runtime()?;
+    let s = rt
+        .block_on(async {
+            let client = shutdown_guard::kube::client(a.target.kubeconfig.as_deref()).await?;
+            status::cluster_status(client).await
+        })
+        .map_err(fail)?;
+    match a.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default()),
+        Output::Text => print!("{}", status::render_cluster_text(&s)),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -12,6 +12,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::drain::report::LastShutdown;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabel {
     /// The shutdown type logind sent (`poweroff`, `reboot`, …), `unknown` without metadata,
@@ -22,6 +24,12 @@ pub struct TypeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
     pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `migrated`, `stopped` or `remaining`.
+    pub result: String,
 }
 
 /// Drain durations from a second to well past logind's usual maximum delays.
@@ -42,6 +50,11 @@ pub struct Metrics {
     pub logind_reconnects: Counter,
     pub inhibit_delay_max: Gauge<f64, AtomicU64>,
     pub draining: Gauge,
+    pub drain_budget: Gauge<f64, AtomicU64>,
+    pub safety_margin: Gauge<f64, AtomicU64>,
+    /// One series, labelled with the last drain's outcome: when it ended.
+    pub last_drain_timestamp: Family<OutcomeLabel, Gauge<f64, AtomicU64>>,
+    pub last_drain_vmis: Family<ResultLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -65,6 +78,10 @@ impl Metrics {
             logind_reconnects: Counter::default(),
             inhibit_delay_max: Gauge::default(),
             draining: Gauge::default(),
+            drain_budget: Gauge::default(),
+            safety_margin: Gauge::default(),
+            last_drain_timestamp: Family::default(),
+            last_drain_vmis: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -122,6 +139,28 @@ impl Metrics {
             "1 while a drain is under way",
             m.draining.clone(),
         );
+        registry.register(
+            "drain_budget_seconds",
+            "The drain_budget setting: how long a drain may need",
+            m.drain_budget.clone(),
+        );
+        registry.register(
+            "safety_margin_seconds",
+            "The safety_margin setting, taken off logind's delay to get the drain deadline",
+            m.safety_margin.clone(),
+        );
+        // From the record on the Node, so also the drain before this boot: an alert about a
+        // drain whose node went down before a scrape still fires once the node is back.
+        registry.register(
+            "last_drain_timestamp_seconds",
+            "When the last drain recorded on the Node ended (its start if its end was never recorded), by outcome",
+            m.last_drain_timestamp.clone(),
+        );
+        registry.register(
+            "last_drain_vmis",
+            "VMIs of the last drain recorded on the Node, by result (migrated, stopped, remaining)",
+            m.last_drain_vmis.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -147,6 +186,42 @@ impl Metrics {
                 outcome: outcome.into(),
             })
             .inc();
+    }
+
+    /// The last drain as recorded on the Node (outcome `draining` when its end never was).
+    pub fn last_drain(&self, record: &LastShutdown) {
+        let at = record
+            .finished
+            .as_deref()
+            .unwrap_or(&record.started)
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .map(|t| t.timestamp_millis() as f64 / 1000.0)
+            .unwrap_or(0.0);
+        self.last_drain_timestamp.clear();
+        self.last_drain_timestamp
+            .get_or_create(&OutcomeLabel {
+                outcome: record.outcome.as_str().into(),
+            })
+            .set(at);
+        for (result, n) in [
+            ("migrated", record.migrated),
+            ("stopped", record.stopped),
+            // VMIs only: in scope `all` the record also names pods, as `pod ns/name`.
+            (
+                "remaining",
+                record
+                    .remaining
+                    .iter()
+                    .filter(|r| !r.starts_with("pod "))
+                    .count(),
+            ),
+        ] {
+            self.last_drain_vmis
+                .get_or_create(&ResultLabel {
+                    result: result.into(),
+                })
+                .set(n as i64);
+        }
     }
 
     pub fn drained(&self, outcome: &str, seconds: f64) {
@@ -227,6 +302,68 @@ mod tests {
             assert!(
                 t.contains(&format!("# TYPE shutdown_guard_{family} ")),
                 "{family} missing"
+            );
+        }
+    }
+
+    #[test]
+    fn last_drain_keeps_one_outcome_and_counts_vmis_only() {
+        use crate::drain::report::ShutdownOutcome;
+        let m = Metrics::new();
+        let mut record = LastShutdown {
+            r#type: "poweroff".into(),
+            started: "2026-01-01T00:00:00Z".into(),
+            finished: None,
+            outcome: ShutdownOutcome::Draining,
+            migrated: 0,
+            stopped: 0,
+            remaining: vec!["default/a".into(), "default/b".into()],
+            duration_s: None,
+        };
+        m.last_drain(&record);
+        let t = m.encode();
+        // No end recorded: the start stands for it.
+        assert_eq!(
+            sample(
+                &t,
+                "shutdown_guard_last_drain_timestamp_seconds",
+                "outcome=\"draining\""
+            ),
+            Some(1767225600.0)
+        );
+        record.finished = Some("2026-01-01T00:00:20Z".into());
+        record.outcome = ShutdownOutcome::Deadline;
+        record.migrated = 1;
+        record.stopped = 2;
+        record.remaining = vec!["default/b".into(), "pod default/web".into()];
+        m.last_drain(&record);
+        let t = m.encode();
+        assert_eq!(
+            sample(
+                &t,
+                "shutdown_guard_last_drain_timestamp_seconds",
+                "outcome=\"draining\""
+            ),
+            None,
+            "the earlier outcome's series is gone:\n{t}"
+        );
+        assert_eq!(
+            sample(
+                &t,
+                "shutdown_guard_last_drain_timestamp_seconds",
+                "outcome=\"deadline\""
+            ),
+            Some(1767225620.0)
+        );
+        for (result, n) in [("migrated", 1.0), ("stopped", 2.0), ("remaining", 1.0)] {
+            assert_eq!(
+                sample(
+                    &t,
+                    "shutdown_guard_last_drain_vmis",
+                    &format!("result=\"{result}\"")
+                ),
+                Some(n),
+                "{result}"
             );
         }
     }

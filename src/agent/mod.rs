@@ -21,10 +21,11 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::Settings;
+use crate::drain::keeper::Tell;
 use crate::drain::machine::{Input, MachineConfig, Note};
 use crate::drain::model::ObjKey;
 use crate::driver::{Driver, DriverConfig, DriverError, Gate, Outcome, Reporter, Step};
-use crate::holder::link::{LinkError, ToHolder, ToWorker};
+use crate::holder::link::{LinkError, ToHolder};
 use crate::host::bootid;
 use crate::kube::cordon::CordonMark;
 use crate::kube::events::{NodeEvents, Reports};
@@ -103,14 +104,14 @@ impl Gate for HolderGate {
 }
 
 /// What the holder says, as the machine takes it.
-fn input_of(m: ToWorker) -> Input {
+fn input_of(m: Tell) -> Input {
     match m {
-        ToWorker::Lock { delay_max, .. } => Input::LockTaken { delay_max },
-        ToWorker::Lost => Input::LockLost,
-        ToWorker::NoLock { delay_max } => Input::LockRefused { delay_max },
-        ToWorker::Delay(d) => Input::DelayMax(d),
-        ToWorker::Shutdown { start, kind } => Input::Shutdown { start, kind },
-        ToWorker::Resume { kind, elapsed } => Input::Resume { kind, elapsed },
+        Tell::Lock { delay_max, .. } => Input::LockTaken { delay_max },
+        Tell::Lost => Input::LockLost,
+        Tell::NoLock { delay_max } => Input::LockRefused { delay_max },
+        Tell::Delay(d) => Input::DelayMax(d),
+        Tell::Shutdown { start, kind } => Input::Shutdown { start, kind },
+        Tell::Resume { kind, elapsed } => Input::Resume { kind, elapsed },
     }
 }
 
@@ -141,6 +142,14 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
         s.node = node.clone();
         s.drain_budget_s = Some(settings.drain_budget.as_secs_f64());
     });
+    admin
+        .metrics
+        .drain_budget
+        .set(settings.drain_budget.as_secs_f64());
+    admin
+        .metrics
+        .safety_margin
+        .set(settings.safety_margin.as_secs_f64());
     // Metrics and probes are worth less than the drain: a port in use is logged, not fatal.
     match admin::bind(settings.listen_address).await {
         Ok(l) => admin::serve(l, admin.clone()),
@@ -162,19 +171,19 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
     let first = loop {
         match lines.next_line().await.map_err(RunError::Link)? {
             None => return Ok(Exit::Terminated),
-            Some(l) => match l.parse::<ToWorker>() {
-                Ok(m @ (ToWorker::Lock { .. } | ToWorker::NoLock { .. })) => break m,
+            Some(l) => match l.parse::<Tell>() {
+                Ok(m @ (Tell::Lock { .. } | Tell::NoLock { .. })) => break m,
                 Ok(other) => warn!(node = %node, message = %other, "before the lock; ignored"),
                 Err(e) => warn!(node = %node, error = %e, "ignoring the holder's line"),
             },
         }
     };
     let (delay_max, preparing) = match &first {
-        ToWorker::Lock {
+        Tell::Lock {
             delay_max,
             preparing,
         } => (*delay_max, *preparing),
-        ToWorker::NoLock { delay_max } => (*delay_max, true),
+        Tell::NoLock { delay_max } => (*delay_max, true),
         _ => unreachable!("only lock and nolock end the wait"),
     };
 
@@ -206,6 +215,7 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
     driver.feed(input_of(first));
 
     let tx = driver.sender();
+    let metrics = admin.metrics.clone();
     startup::spawn_reconcile(
         Api::all(client.clone()),
         node.clone(),
@@ -213,6 +223,13 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
         preparing,
         tx.clone(),
         events.clone(),
+        // The drain before this boot, for the alerts about it (its node may have gone down
+        // before any scrape saw its end).
+        move |last| {
+            if let Some(last) = last {
+                metrics.last_drain(&last);
+            }
+        },
     );
     startup::spawn_logind_config_check(&settings, delay_max, events);
 
@@ -225,7 +242,7 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
         }
     })
     .filter_map(move |line| {
-        let r = match line.map(|l| l.parse::<ToWorker>()) {
+        let r = match line.map(|l| l.parse::<Tell>()) {
             None => Some(Input::Terminate),
             Some(Ok(m)) => Some(input_of(m)),
             Some(Err(LinkError { line, .. })) => {

@@ -57,9 +57,9 @@ impl AgentReporter {
         m.draining.set(0);
         let reason = match end.reason {
             EndReason::Cancelled => {
-                self.reports.send(Report::LastShutdown(
-                    self.record(end, ShutdownOutcome::Cancelled),
-                ));
+                let last = self.record(end, ShutdownOutcome::Cancelled);
+                m.last_drain(&last);
+                self.reports.send(Report::LastShutdown(last));
                 if snapshot.lock_held {
                     self.reports.condition(
                         GuardState::Ready,
@@ -101,6 +101,7 @@ impl AgentReporter {
         };
         self.reports.condition(state, message);
         let last = self.record(end, outcome);
+        m.last_drain(&last);
         self.admin.update(|s| s.last_shutdown = Some(last.clone()));
         self.reports.send(Report::LastShutdown(last));
     }
@@ -176,22 +177,17 @@ impl Reporter for AgentReporter {
                         _ => 0,
                     };
                 }
-                Note::Stopped {
-                    vmi,
-                    vmi_uid,
-                    grace_seconds,
-                    why,
-                } => {
+                Note::Stopped(stop) => {
                     let node = &self.node;
+                    let (grace, why) = (stop.grace_seconds, stop.why.as_str());
                     self.reports.send(Report::VmiEvent {
-                        vmi: vmi.clone(),
-                        uid: vmi_uid.clone(),
+                        vmi: stop.vmi.clone(),
+                        uid: stop.vmi_uid.clone(),
                         warning: true,
                         reason: "VMIStoppedForShutdown",
                         action: "Stop",
                         note: format!(
-                            "stopped gracefully ({grace_seconds}s) because node {node} is shutting down: {}",
-                            why.as_str()
+                            "stopped gracefully ({grace}s) because node {node} is shutting down: {why}"
                         ),
                     });
                     self.reports.node_event(
@@ -199,8 +195,8 @@ impl Reporter for AgentReporter {
                         "VMIStoppedForShutdown",
                         "Stop",
                         format!(
-                            "stopping VMI {vmi} gracefully ({grace_seconds}s) before the shutdown: {}",
-                            why.as_str()
+                            "stopping VMI {} gracefully ({grace}s) before the shutdown: {why}",
+                            stop.vmi
                         ),
                     );
                 }

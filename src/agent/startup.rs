@@ -13,7 +13,9 @@ use tracing::{debug, error, info, warn};
 use crate::config::Settings;
 use crate::drain::eviction::backoff;
 use crate::drain::machine::Input;
+use crate::drain::report::LastShutdown;
 use crate::host::logind_conf;
+use crate::kube::condition;
 use crate::kube::cordon::{self, AGENT_ANNOTATION};
 use crate::kube::events::NodeEvents;
 
@@ -50,8 +52,9 @@ pub fn on_start(
     }
 }
 
-/// Lifts our cordon from an earlier boot. Retries until the API server answers, since a node
-/// that just booted may start the agent before the control plane is reachable.
+/// Lifts our cordon from an earlier boot, and hands `last_shutdown` the Node's record of the
+/// last drain. Retries until the API server answers, since a node that just booted may start the
+/// agent before the control plane is reachable.
 pub fn spawn_reconcile(
     api: Api<Node>,
     node: String,
@@ -59,12 +62,16 @@ pub fn spawn_reconcile(
     preparing: bool,
     tx: mpsc::UnboundedSender<Input>,
     events: NodeEvents,
+    last_shutdown: impl FnOnce(Option<LastShutdown>) + Send + 'static,
 ) {
     tokio::spawn(async move {
         let mut failures = 0;
         let state = loop {
-            match cordon::get(&api, &node).await {
-                Ok(s) => break s,
+            match api.get(&node).await {
+                Ok(n) => {
+                    last_shutdown(condition::last_shutdown(&n));
+                    break cordon::state(&n);
+                }
                 Err(e) => {
                     failures += 1;
                     let wait = backoff(failures);

@@ -362,6 +362,27 @@ pub const RULES: &[Rule] = &[
         "watch",
         false,
     ),
+    rule(
+        "kubevirt.io",
+        "virtualmachineinstancemigrations",
+        None,
+        "list",
+        false,
+    ),
+    rule(
+        "kubevirt.io",
+        "virtualmachineinstancemigrations",
+        None,
+        "delete",
+        false,
+    ),
+    rule(
+        "subresources.kubevirt.io",
+        "virtualmachineinstances",
+        Some("evacuate"),
+        "update",
+        false,
+    ),
     rule("events.k8s.io", "events", None, "create", false),
     rule("events.k8s.io", "events", None, "patch", false),
 ];

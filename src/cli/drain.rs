@@ -278,20 +278,16 @@ impl Terminal {
                         )?;
                     }
                 }
-                Note::Stopped {
-                    vmi,
-                    vmi_uid,
-                    grace_seconds,
-                    why,
-                } => {
+                Note::Stopped(stop) => {
                     let (events, r, node) = (
                         self.events.clone(),
-                        vmi_ref(vmi, vmi_uid),
+                        vmi_ref(&stop.vmi, &stop.vmi_uid),
                         self.node.clone(),
                     );
                     let note = format!(
-                        "stopped gracefully ({grace_seconds}s) to drain node {node}: {}",
-                        why.as_str()
+                        "stopped gracefully ({}s) to drain node {node}: {}",
+                        stop.grace_seconds,
+                        stop.why.as_str()
                     );
                     tokio::spawn(async move {
                         let _ = events
@@ -476,13 +472,18 @@ fn draw_live(
 }
 
 /// The live table: each VMI's state and how long it has been in it.
-pub fn render_live(snapshot: &[crate::drain::progress::VmiProgress], elapsed_s: f64) -> String {
-    let w = snapshot
+/// The VMI column's width: the longest name, at least the heading's.
+fn vmi_width(snapshot: &[crate::drain::progress::VmiProgress]) -> usize {
+    snapshot
         .iter()
         .map(|p| p.vmi.len())
         .max()
         .unwrap_or(3)
-        .max(3);
+        .max(3)
+}
+
+pub fn render_live(snapshot: &[crate::drain::progress::VmiProgress], elapsed_s: f64) -> String {
+    let w = vmi_width(snapshot);
     let mut s = format!(
         "elapsed {elapsed_s:.1}s\n{:w$}  {:24}  FOR\n",
         "VMI", "STATE"
@@ -503,12 +504,7 @@ pub fn render_live(snapshot: &[crate::drain::progress::VmiProgress], elapsed_s: 
 }
 
 fn render_summary(snapshot: &[crate::drain::progress::VmiProgress]) -> String {
-    let w = snapshot
-        .iter()
-        .map(|p| p.vmi.len())
-        .max()
-        .unwrap_or(3)
-        .max(3);
+    let w = vmi_width(snapshot);
     let mut s = format!("{:w$}  {:24}  AT\n", "VMI", "STATE");
     for p in snapshot {
         s.push_str(&format!(

@@ -188,12 +188,7 @@ pub enum Note {
         outcome: EvictionOutcome,
     },
     /// The API server accepted a graceful stop.
-    Stopped {
-        vmi: ObjKey,
-        vmi_uid: String,
-        grace_seconds: u32,
-        why: StopReason,
-    },
+    Stopped(StopDone),
     StopFailed {
         vmi: ObjKey,
         error: String,
@@ -242,6 +237,15 @@ pub enum Note {
     },
     /// The drain is over: released (empty or deadline) or cancelled.
     Ended(DrainEnd),
+}
+
+/// A graceful stop the API server accepted: which VMI, with what grace period, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopDone {
+    pub vmi: ObjKey,
+    pub vmi_uid: String,
+    pub grace_seconds: u32,
+    pub why: StopReason,
 }
 
 /// How a drain ended.
@@ -845,12 +849,12 @@ impl Machine {
                     match result {
                         Ok(()) => {
                             t.attempt = Attempt::Settled(EvictionState::Evicted);
-                            self.notes.push(Note::Stopped {
+                            self.notes.push(Note::Stopped(StopDone {
                                 vmi: sent.vmi.clone(),
                                 vmi_uid,
                                 grace_seconds: sent.grace_seconds,
                                 why: sent.why,
-                            });
+                            }));
                         }
                         Err(error) => {
                             t.failures += 1;

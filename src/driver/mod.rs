@@ -156,13 +156,7 @@ impl<R: Reporter> Driver<R> {
         let mut triggers = triggers.fuse();
         let mut ticks = self.reporter.tick_every().map(tokio::time::interval);
         loop {
-            let wake = self.machine.next_wakeup();
-            let sleep = async move {
-                match wake {
-                    Some(t) => tokio::time::sleep_until(t.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let sleep = wake_at(self.machine.next_wakeup());
             let tick = async {
                 match ticks.as_mut() {
                     Some(t) => t.tick().await,
@@ -389,6 +383,14 @@ impl<R: Reporter> Driver<R> {
                 }
             }
         });
+    }
+}
+
+/// Sleeps until `t`, or for ever: a state machine's next wake-up as a future.
+pub async fn wake_at(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -227,7 +227,7 @@ impl Reporter for Log {
             match n {
                 Note::Warning { reason, .. } => self.push(format!("warning {reason}")),
                 Note::Ended(e) => self.push(format!("ended {:?}", e.reason)),
-                Note::Stopped { vmi, .. } => self.push(format!("stopped {vmi}")),
+                Note::Stopped(s) => self.push(format!("stopped {}", s.vmi)),
                 _ => {}
             }
         }

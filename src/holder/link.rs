@@ -13,29 +13,8 @@ use crate::drain::keeper::Tell;
 pub const LINK_FD: i32 = 3;
 pub const KUBECONFIG_FD: i32 = 4;
 
-/// Holder → worker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ToWorker {
-    /// A lock is held; logind's delay; whether logind is already preparing a shutdown.
-    Lock {
-        delay_max: Duration,
-        preparing: bool,
-    },
-    Lost,
-    /// logind refuses a lock: a shutdown is being delayed already.
-    NoLock {
-        delay_max: Duration,
-    },
-    Delay(Duration),
-    Shutdown {
-        start: bool,
-        kind: Option<String>,
-    },
-    Resume {
-        kind: Option<String>,
-        elapsed: Duration,
-    },
-}
+/// Holder → worker: the keeper's [`Tell`], as a line.
+pub type ToWorker = Tell;
 
 /// Worker → holder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,25 +29,6 @@ pub enum ToHolder {
 pub struct LinkError {
     pub from: &'static str,
     pub line: String,
-}
-
-impl From<Tell> for ToWorker {
-    fn from(t: Tell) -> Self {
-        match t {
-            Tell::Lock {
-                delay_max,
-                preparing,
-            } => ToWorker::Lock {
-                delay_max,
-                preparing,
-            },
-            Tell::Lost => ToWorker::Lost,
-            Tell::NoLock { delay_max } => ToWorker::NoLock { delay_max },
-            Tell::Delay(d) => ToWorker::Delay(d),
-            Tell::Shutdown { start, kind } => ToWorker::Shutdown { start, kind },
-            Tell::Resume { kind, elapsed } => ToWorker::Resume { kind, elapsed },
-        }
-    }
 }
 
 /// A shutdown type as one word: logind's are (`poweroff`, `reboot`, …); `-` for none.
@@ -86,28 +46,28 @@ fn kind_of(w: &str) -> Option<String> {
     (w != "-").then(|| w.to_string())
 }
 
-impl fmt::Display for ToWorker {
+impl fmt::Display for Tell {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = |d: &Duration| d.as_millis();
         match self {
-            ToWorker::Lock {
+            Tell::Lock {
                 delay_max,
                 preparing,
             } => write!(f, "lock {} {}", ms(delay_max), u8::from(*preparing)),
-            ToWorker::Lost => f.write_str("lost"),
-            ToWorker::NoLock { delay_max } => write!(f, "nolock {}", ms(delay_max)),
-            ToWorker::Delay(d) => write!(f, "delay {}", ms(d)),
-            ToWorker::Shutdown { start, kind } => {
+            Tell::Lost => f.write_str("lost"),
+            Tell::NoLock { delay_max } => write!(f, "nolock {}", ms(delay_max)),
+            Tell::Delay(d) => write!(f, "delay {}", ms(d)),
+            Tell::Shutdown { start, kind } => {
                 write!(f, "shutdown {} {}", u8::from(*start), word(kind))
             }
-            ToWorker::Resume { kind, elapsed } => {
+            Tell::Resume { kind, elapsed } => {
                 write!(f, "resume {} {}", word(kind), ms(elapsed))
             }
         }
     }
 }
 
-impl FromStr for ToWorker {
+impl FromStr for Tell {
     type Err = LinkError;
     fn from_str(line: &str) -> Result<Self, LinkError> {
         let err = || LinkError {
@@ -126,22 +86,22 @@ impl FromStr for ToWorker {
         };
         let mut w = line.split_ascii_whitespace();
         let m = match w.next() {
-            Some("lock") => ToWorker::Lock {
+            Some("lock") => Tell::Lock {
                 delay_max: ms(w.next())?,
                 preparing: flag(w.next())?,
             },
-            Some("lost") => ToWorker::Lost,
-            Some("nolock") => ToWorker::NoLock {
+            Some("lost") => Tell::Lost,
+            Some("nolock") => Tell::NoLock {
                 delay_max: ms(w.next())?,
             },
-            Some("delay") => ToWorker::Delay(ms(w.next())?),
-            Some("shutdown") => ToWorker::Shutdown {
+            Some("delay") => Tell::Delay(ms(w.next())?),
+            Some("shutdown") => Tell::Shutdown {
                 start: flag(w.next())?,
                 kind: kind_of(w.next().ok_or_else(err)?),
             },
             Some("resume") => {
                 let kind = kind_of(w.next().ok_or_else(err)?);
-                ToWorker::Resume {
+                Tell::Resume {
                     kind,
                     elapsed: ms(w.next())?,
                 }
@@ -187,24 +147,24 @@ mod tests {
     #[test]
     fn every_message_reads_back_as_written() {
         let all = [
-            ToWorker::Lock {
+            Tell::Lock {
                 delay_max: Duration::from_millis(60_000),
                 preparing: true,
             },
-            ToWorker::Lost,
-            ToWorker::NoLock {
+            Tell::Lost,
+            Tell::NoLock {
                 delay_max: Duration::from_secs(5),
             },
-            ToWorker::Delay(Duration::from_millis(1500)),
-            ToWorker::Shutdown {
+            Tell::Delay(Duration::from_millis(1500)),
+            Tell::Shutdown {
                 start: true,
                 kind: Some("reboot".into()),
             },
-            ToWorker::Shutdown {
+            Tell::Shutdown {
                 start: false,
                 kind: None,
             },
-            ToWorker::Resume {
+            Tell::Resume {
                 kind: None,
                 elapsed: Duration::from_millis(1234),
             },
@@ -219,7 +179,7 @@ mod tests {
 
     #[test]
     fn a_kind_with_spaces_stays_one_word() {
-        let m = ToWorker::Shutdown {
+        let m = Tell::Shutdown {
             start: true,
             kind: Some("soft reboot".into()),
         };

@@ -30,7 +30,7 @@ use crate::config::Settings;
 use crate::drain::keeper::{Keeper, KeeperConfig, KeeperEffect, KeeperInput};
 use crate::host::logind::{self, LockControl, LogindEvent};
 use crate::host::{bootid, logind_conf};
-use link::{ToHolder, ToWorker};
+use link::ToHolder;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HolderError {
@@ -144,13 +144,7 @@ pub async fn run(settings: Settings, worker_args: Vec<OsString>) -> Result<(), H
                 fx.extend(keeper.handle(Instant::now(), i));
             }
         }
-        let wake = keeper.next_wakeup();
-        let sleep = async move {
-            match wake {
-                Some(t) => tokio::time::sleep_until(t.into()).await,
-                None => std::future::pending().await,
-            }
-        };
+        let sleep = crate::driver::wake_at(keeper.next_wakeup());
         let from_worker = async {
             match worker.as_mut() {
                 Some(Worker {
@@ -335,7 +329,7 @@ async fn execute(
         }
         KeeperEffect::Tell(t) => {
             if let Some(w) = worker.as_mut() {
-                let line = format!("{}\n", ToWorker::from(t));
+                let line = format!("{t}\n");
                 if let Err(e) = w.tx.write_all(line.as_bytes()).await {
                     debug!(node = %node, error = %e, "writing to the worker failed");
                 }
@@ -372,29 +366,51 @@ fn spawn_worker(
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     let theirs: OwnedFd = theirs.into();
     inheritable(&theirs)?;
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg("worker")
-        .arg("--link-fd")
-        .arg(theirs.as_raw_fd().to_string());
     let kube_fd = match kubeconfig {
         Some(text) => {
             let fd =
                 nix::sys::memfd::memfd_create(c"kubeconfig", nix::sys::memfd::MFdFlags::empty())?;
             let mut f = std::fs::File::from(fd);
             std::io::Write::write_all(&mut f, text)?;
-            let fd: OwnedFd = f.into();
-            cmd.arg("--kubeconfig-fd").arg(fd.as_raw_fd().to_string());
-            Some(fd)
+            Some(OwnedFd::from(f))
         }
         None => None,
     };
-    cmd.args(args).kill_on_drop(true);
-    if nix::unistd::geteuid().is_root()
-        && let Some((uid, gid)) = settings.worker_ids()
-    {
-        cmd.uid(uid).gid(gid);
-    }
-    let child = cmd.spawn()?;
+    let command = |ids: Option<(u32, u32)>| -> std::io::Result<Command> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("worker")
+            .arg("--link-fd")
+            .arg(theirs.as_raw_fd().to_string());
+        if let Some(fd) = &kube_fd {
+            cmd.arg("--kubeconfig-fd").arg(fd.as_raw_fd().to_string());
+        }
+        cmd.args(args).kill_on_drop(true);
+        if let Some((uid, gid)) = ids {
+            cmd.uid(uid).gid(gid);
+        }
+        Ok(cmd)
+    };
+    let ids = settings
+        .worker_ids()
+        .filter(|_| nix::unistd::geteuid().is_root());
+    let child = match command(ids)?.spawn() {
+        // No CAP_SETUID/CAP_SETGID (EPERM), or the binary is not reachable for that user
+        // (EACCES: it lives under root's home). The worker still is a process of its own, so
+        // its crash does not take the lock; it just is not unprivileged.
+        Err(e)
+            if ids.is_some()
+                && matches!(e.raw_os_error(), Some(nix::libc::EPERM | nix::libc::EACCES)) =>
+        {
+            warn!(
+                node = %settings.node,
+                worker_user = %settings.worker_user,
+                error = %e,
+                "cannot start the worker as worker_user; it runs as the holder's user"
+            );
+            command(None)?.spawn()?
+        }
+        other => other?,
+    };
     // Our copies of the worker's ends go now: only the worker holds them.
     drop(theirs);
     drop(kube_fd);

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod identity;
+pub mod tools;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, SystemTime};

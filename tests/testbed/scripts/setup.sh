@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs and builds everything the bed needs, idempotently: Debian tools, the control-plane
-# binaries (Go, pinned), the Debian root filesystems for the logind containers, and elogind.
+# binaries and helm and promtool (Go, pinned), the Debian root filesystems for the logind
+# containers, and elogind.
 # A second run is a no-op apart from a few stamp checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -8,6 +9,7 @@ start=$(date +%s)
 
 "$here/ct-host-packages.sh"
 "$here/build-control-plane.sh"
+"$here/build-ops-tools.sh"
 "$here/fetch-elogind.sh"
 "$here/build-rootfs.sh" trixie
 if [ "${TESTBED_SKIP_BOOKWORM:-0}" != 1 ]; then

@@ -24,7 +24,9 @@ use tokio::sync::RwLock;
 use crate::apiproxy::Freeze;
 use crate::controlplane::{ApiServerControl, ControlPlane, ControlPlaneError, ControlPlaneOptions};
 use crate::kubelet::{KubeletError, KubeletSim, NodeConfig, node_names};
-use crate::kubevirt::{KubeVirtError, KubeVirtOptions, KubeVirtSim, VmSpec};
+use crate::kubevirt::{
+    KubeVirtError, KubeVirtFaults, KubeVirtOptions, KubeVirtSim, VmSpec, WebhookFault,
+};
 use crate::ledger::{Ledger, LedgerReport};
 use crate::logind::{
     Elogind, ElogindOptions, Inhibitor, LogindError, NodeExit, ReleaseWatch, Suite, SystemdNode,
@@ -38,18 +40,21 @@ pub const NODE: &str = "node-1";
 /// Namespace the bed's VMIs live in.
 pub const VM_NAMESPACE: &str = "default";
 
+/// What can go wrong with the bed. Each variant shows the whole message of what went wrong
+/// below it and does not chain it as its `source()` as well: `{:#}` (anyhow's chain) would
+/// print it twice. The inner errors may still chain their own causes.
 #[derive(Debug, thiserror::Error)]
 pub enum BedError {
     #[error("control plane: {0}")]
-    ControlPlane(#[from] ControlPlaneError),
+    ControlPlane(ControlPlaneError),
     #[error("kubelet simulator: {0}")]
-    Kubelet(#[from] KubeletError),
+    Kubelet(KubeletError),
     #[error("KubeVirt simulator: {0}")]
-    KubeVirt(#[from] KubeVirtError),
+    KubeVirt(KubeVirtError),
     #[error("logind: {0}")]
-    Logind(#[from] LogindError),
-    #[error(transparent)]
-    Pod(#[from] PodError),
+    Logind(LogindError),
+    #[error("{0}")]
+    Pod(PodError),
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -59,13 +64,28 @@ pub enum BedError {
          (--loginds N|all, BedOptions::loginds)"
     )]
     NoLogind { node: String, with: String },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
 }
+
+/// `From` without `#[from]`, which would also make the inner error the `source()`.
+macro_rules! bed_error_from {
+    ($($inner:ty => $variant:ident),* $(,)?) => {
+        $(impl From<$inner> for BedError {
+            fn from(e: $inner) -> Self {
+                Self::$variant(e)
+            }
+        })*
+    };
+}
+
+bed_error_from!(
+    ControlPlaneError => ControlPlane,
+    KubeletError => Kubelet,
+    KubeVirtError => KubeVirt,
+    LogindError => Logind,
+    PodError => Pod,
+);
 
 /// Which logind a node runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -214,12 +234,13 @@ async fn start_loginds(
     started.into_iter().collect()
 }
 
-/// What the bed shares with its ctl server: the nodes' loginds, the pods it started, and the
-/// API server's controls.
+/// What the bed shares with its ctl server: the nodes' loginds, the pods it started, the
+/// API server's controls and the KubeVirt simulator's fault knobs.
 pub(crate) struct BedShared {
     pub loginds: BTreeMap<String, Arc<RwLock<NodeLogind>>>,
     pub pods: PodRegistry,
     pub api: ApiServerControl,
+    pub kubevirt: KubeVirtFaults,
 }
 
 impl BedShared {
@@ -330,6 +351,10 @@ impl BedShared {
             },
             proxy.open_connections()
         )];
+        lines.push(kubevirt_status(
+            self.kubevirt.webhook_fault(),
+            &self.kubevirt.failures(),
+        ));
         for (name, logind) in &self.loginds {
             let l = logind.read().await;
             lines.push(format!("{name}: {} (pid {})", l.describe(), l.pid()));
@@ -348,6 +373,36 @@ impl BedShared {
         // One answer line: the ctl protocol is line-based.
         lines.join(" | ")
     }
+}
+
+/// The status line of the KubeVirt simulator's faults: the eviction webhook and the migration
+/// failures still to come.
+fn kubevirt_status(webhook: WebhookFault, failures: &crate::kubevirt::FailureInjection) -> String {
+    let webhook = match webhook {
+        WebhookFault::None => "up".to_owned(),
+        WebhookFault::Down => "down".to_owned(),
+        WebhookFault::Slow(d) => format!("slow ({} s)", d.as_secs_f64()),
+    };
+    let pending = |what: &str, counts: &std::collections::HashMap<String, u32>| {
+        let mut v: Vec<String> = counts
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(vmi, n)| format!("{what} {vmi} ×{n}"))
+            .collect();
+        v.sort();
+        v
+    };
+    let mut injected = pending("fail", &failures.per_vmi);
+    injected.extend(pending("stall", &failures.stalls));
+    if failures.probability > 0.0 {
+        injected.push(format!("failure probability {}", failures.probability));
+    }
+    let injected = if injected.is_empty() {
+        "none".to_owned()
+    } else {
+        injected.join(", ")
+    };
+    format!("KubeVirt eviction webhook {webhook}; migration faults: {injected}")
 }
 
 /// A running bed. Dropping it tears everything down by PID (also during a panic); prefer
@@ -412,6 +467,7 @@ impl Bed {
             loginds,
             pods: PodRegistry::default(),
             api: control_plane.api_control(),
+            kubevirt: kubevirt.faults(),
         });
         let ctl = crate::ctl::CtlServer::start(control_plane.dir(), &shared, &with_logind)?;
         Ok(Self {
@@ -719,5 +775,73 @@ impl BedNode<'_> {
     /// Signals the program of every pod the bed started on this node.
     pub async fn kill_pods(&self, signal: Signal) -> Result<String, BedError> {
         self.bed.shared.kill_pods(&self.name, signal).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf() -> std::io::Error {
+        std::io::Error::other("the leaf cause")
+    }
+
+    #[test]
+    fn an_error_chain_shows_each_cause_once() {
+        let errors: Vec<BedError> = vec![
+            ControlPlaneError::Io {
+                what: "starting etcd".into(),
+                source: leaf(),
+            }
+            .into(),
+            KubeletError::Api {
+                action: "renewing a lease".into(),
+                source: kube::Error::ReadEvents(leaf()),
+            }
+            .into(),
+            KubeVirtError::Io(leaf()).into(),
+            LogindError::Io {
+                context: "booting node-1".into(),
+                source: leaf(),
+            }
+            .into(),
+            PodError::Io {
+                what: "spawning a pod".into(),
+                source: leaf(),
+            }
+            .into(),
+            BedError::Io {
+                what: "binding the ctl port".into(),
+                error: leaf(),
+            },
+        ];
+        for e in errors {
+            let shown = e.to_string();
+            let chain = format!("{:#}", anyhow::Error::new(e).context("starting the bed"));
+            assert!(shown.contains("the leaf cause"), "{shown}");
+            assert_eq!(chain.matches("the leaf cause").count(), 1, "{chain}");
+        }
+    }
+
+    #[test]
+    fn kubevirt_status_names_the_webhook_and_what_is_still_to_fail() {
+        let mut failures = crate::kubevirt::FailureInjection::default();
+        assert_eq!(
+            kubevirt_status(WebhookFault::None, &failures),
+            "KubeVirt eviction webhook up; migration faults: none"
+        );
+        failures.per_vmi.insert("default/live-1".into(), 2);
+        failures.per_vmi.insert("default/live-2".into(), 0);
+        failures.stalls.insert("default/live-3".into(), 1);
+        failures.probability = 0.5;
+        assert_eq!(
+            kubevirt_status(WebhookFault::Slow(Duration::from_millis(2500)), &failures),
+            "KubeVirt eviction webhook slow (2.5 s); migration faults: fail default/live-1 ×2, \
+             stall default/live-3 ×1, failure probability 0.5"
+        );
+        assert_eq!(
+            kubevirt_status(WebhookFault::Down, &Default::default()),
+            "KubeVirt eviction webhook down; migration faults: none"
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! The bed's control channel: power commands a pod cannot perform itself (it lives in a child
 //! PID namespace of its node and cannot see the machine's PIDs to `nsenter` anything), and the
-//! faults a test or a person asks for while the bed runs (`testbed fault …`).
+//! faults a test or a person asks for while the bed runs (`testbed fault …`): kube-apiserver and
+//! its connections, logind, the bus, units, pods, and the KubeVirt simulator's eviction webhook
+//! and migrations.
 //!
 //! The bed listens on a loopback TCP port and writes small bash scripts that speak to it
 //! (`bash`'s `/dev/tcp`), so a pod needs nothing but bash: `TESTBED_POWEROFF`,
@@ -20,7 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::apiproxy::Freeze;
-use crate::bed::{BedError, BedShared, NODE};
+use crate::bed::{BedError, BedShared, NODE, VM_NAMESPACE};
+use crate::kubevirt::WebhookFault;
 
 /// How long `wait-poweroff` waits for the node.
 const WAIT_POWEROFF: Duration = Duration::from_secs(300);
@@ -59,14 +62,175 @@ pub enum Request {
     KillPid { pid: u32, signal: Signal },
     /// `oom NODE`: exceed the memory limit of every limited pod on NODE.
     Oom { node: String },
-    /// `status`: the API server, the proxy, and each node's logind and pods.
+    /// `kubevirt webhook down|up`, `kubevirt webhook slow SECONDS`: virt-api's eviction
+    /// webhook refuses connections, answers that late, or works again.
+    KubeVirtWebhook(WebhookFault),
+    /// `kubevirt fail|stall [NAMESPACE/]VMI [COUNT]`: the VMI's next COUNT (default 1)
+    /// migrations fail half-way through the copy, or stall until the KubeVirt CR's
+    /// `progressTimeout`.
+    KubeVirtMigrations {
+        fault: MigrationFault,
+        vmi: VmiRef,
+        count: u32,
+    },
+    /// `kubevirt failure-probability P`: any migration fails with probability P (0 to 1).
+    KubeVirtFailureProbability(Probability),
+    /// `status`: the API server, the proxy, the KubeVirt faults, each node's logind and pods.
     Status,
 }
 
+macro_rules! kubevirt_grammar {
+    () => {
+        "kubevirt webhook down|up|slow SECONDS; kubevirt fail|stall [NAMESPACE/]VMI [COUNT]; \
+         kubevirt failure-probability P"
+    };
+}
+
+/// The KubeVirt requests, for error messages.
+pub const KUBEVIRT_GRAMMAR: &str = kubevirt_grammar!();
+
 /// The requests, for error messages.
-pub const GRAMMAR: &str = "poweroff|reboot|wait-poweroff [NODE]; api stop|start|thaw|reset; \
-    api freeze [all|established]; restart logind|bus NODE; mask|unmask NODE UNIT; \
-    kill NODE [SIGNAL]; kill-pid PID [SIGNAL]; oom NODE; status";
+pub const GRAMMAR: &str = concat!(
+    "poweroff|reboot|wait-poweroff [NODE]; api stop|start|thaw|reset; \
+     api freeze [all|established]; restart logind|bus NODE; mask|unmask NODE UNIT; \
+     kill NODE [SIGNAL]; kill-pid PID [SIGNAL]; oom NODE; ",
+    kubevirt_grammar!(),
+    "; status"
+);
+
+/// What an injected fault does to a VMI's next migrations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationFault {
+    /// Fails half-way through the copy; the VMI stays on its source.
+    Fail,
+    /// Makes no progress, so virt-launcher aborts it after the CR's `progressTimeout`.
+    Stall,
+}
+
+impl MigrationFault {
+    fn verb(self) -> &'static str {
+        match self {
+            Self::Fail => "fail",
+            Self::Stall => "stall",
+        }
+    }
+}
+
+/// A VMI named `NAMESPACE/NAME`, or `NAME` in the bed's namespace ([`VM_NAMESPACE`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmiRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl FromStr for VmiRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (namespace, name) = s.split_once('/').unwrap_or((VM_NAMESPACE, s));
+        let valid = |part: &str| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        };
+        if valid(namespace) && valid(name) {
+            Ok(Self {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            })
+        } else {
+            Err(format!(
+                "{s:?} is not a VMI: give NAMESPACE/NAME or NAME (in {VM_NAMESPACE}), e.g. live-1"
+            ))
+        }
+    }
+}
+
+impl std::fmt::Display for VmiRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A probability from 0 to 1; never NaN, hence `Eq`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Probability(f64);
+
+impl Eq for Probability {}
+
+impl Probability {
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+impl FromStr for Probability {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.parse::<f64>() {
+            Ok(p) if (0.0..=1.0).contains(&p) => Ok(Self(p)),
+            _ => Err(format!(
+                "{s:?} is not a probability: give a number from 0 to 1 (e.g. 0.25; 0 turns it off)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Probability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The longest delay `kubevirt webhook slow` takes: kube-apiserver gives up on the webhook
+/// after its 10 s timeout, so more changes nothing but how long the webhook holds a task.
+const MAX_WEBHOOK_DELAY: f64 = 60.0;
+
+/// Seconds for `kubevirt webhook slow`: above 0, at most 60, fractions allowed.
+pub fn parse_webhook_delay(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs <= MAX_WEBHOOK_DELAY => Ok(Duration::from_secs_f64(secs)),
+        _ => Err(format!(
+            "{s:?} is not a webhook delay: give seconds above 0 and at most {MAX_WEBHOOK_DELAY} \
+             (past the webhook's 10 s timeout kube-apiserver fails the eviction; \
+             `kubevirt webhook up` removes the delay)"
+        )),
+    }
+}
+
+/// `kubevirt …` requests (the words after `kubevirt`).
+fn parse_kubevirt(line: &str, words: &[&str]) -> Result<Request, String> {
+    let bad = |why: String| format!("{line:?}: {why} (KubeVirt faults: {KUBEVIRT_GRAMMAR})");
+    let request = match words {
+        ["webhook", "down"] => Request::KubeVirtWebhook(WebhookFault::Down),
+        ["webhook", "up"] => Request::KubeVirtWebhook(WebhookFault::None),
+        ["webhook", "slow", secs] => {
+            Request::KubeVirtWebhook(WebhookFault::Slow(parse_webhook_delay(secs).map_err(bad)?))
+        }
+        [verb @ ("fail" | "stall"), vmi, rest @ ..] if rest.len() <= 1 => {
+            let count = match rest.first() {
+                None => 1,
+                Some(n) => n.parse::<u32>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                    bad(format!("{n:?} is not a count of migrations (1 or more)"))
+                })?,
+            };
+            Request::KubeVirtMigrations {
+                fault: if *verb == "fail" {
+                    MigrationFault::Fail
+                } else {
+                    MigrationFault::Stall
+                },
+                vmi: vmi.parse().map_err(bad)?,
+                count,
+            }
+        }
+        ["failure-probability", p] => Request::KubeVirtFailureProbability(p.parse().map_err(bad)?),
+        _ => return Err(bad("unknown KubeVirt fault".into())),
+    };
+    Ok(request)
+}
 
 /// `KILL`, `SIGKILL`, `kill` or `9`.
 pub fn parse_signal(s: &str) -> Result<Signal, String> {
@@ -136,6 +300,7 @@ impl FromStr for Request {
             ["oom", n] => Self::Oom {
                 node: (*n).to_owned(),
             },
+            ["kubevirt", rest @ ..] => parse_kubevirt(line, rest)?,
             ["status"] => Self::Status,
             _ => return Err(format!("unknown request {line:?}; requests: {GRAMMAR}")),
         };
@@ -162,6 +327,15 @@ impl std::fmt::Display for Request {
             Self::Kill { node, signal } => write!(f, "kill {node} {}", signal.as_str()),
             Self::KillPid { pid, signal } => write!(f, "kill-pid {pid} {}", signal.as_str()),
             Self::Oom { node } => write!(f, "oom {node}"),
+            Self::KubeVirtWebhook(WebhookFault::None) => f.write_str("kubevirt webhook up"),
+            Self::KubeVirtWebhook(WebhookFault::Down) => f.write_str("kubevirt webhook down"),
+            Self::KubeVirtWebhook(WebhookFault::Slow(d)) => {
+                write!(f, "kubevirt webhook slow {}", d.as_secs_f64())
+            }
+            Self::KubeVirtMigrations { fault, vmi, count } => {
+                write!(f, "kubevirt {} {vmi} {count}", fault.verb())
+            }
+            Self::KubeVirtFailureProbability(p) => write!(f, "kubevirt failure-probability {p}"),
             Self::Status => f.write_str("status"),
         }
     }
@@ -236,7 +410,7 @@ impl CtlServer {
         let shared: Weak<BedShared> = Arc::downgrade(shared);
         let io = |what: &str| {
             let what = what.to_owned();
-            move |source| BedError::Io { what, source }
+            move |error| BedError::Io { what, error }
         };
         let std_listener =
             std::net::TcpListener::bind("127.0.0.1:0").map_err(io("binding the ctl port"))?;
@@ -373,6 +547,51 @@ async fn serve(request: &Request, shared: &BedShared) -> Result<String, BedError
             ))
         }
         Request::Oom { node } => shared.oom_pods(node).await,
+        Request::KubeVirtWebhook(fault) => {
+            shared.kubevirt.apply_webhook_fault(*fault).await?;
+            Ok(match fault {
+                WebhookFault::None => "eviction webhook up".to_owned(),
+                WebhookFault::Down => "eviction webhook down: evictions of virt-launcher pods \
+                    fail (failurePolicy Fail)"
+                    .to_owned(),
+                WebhookFault::Slow(d) => {
+                    format!("eviction webhook answers after {} s", d.as_secs_f64())
+                }
+            })
+        }
+        Request::KubeVirtMigrations { fault, vmi, count } => {
+            let known = shared.kubevirt.vmis();
+            if !known.contains(&vmi.to_string()) {
+                return Err(BedError::Invalid(format!(
+                    "no VMI {vmi} (VMIs: {}); name one as NAMESPACE/NAME, or NAME in {VM_NAMESPACE}",
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                )));
+            }
+            let (namespace, name) = (&vmi.namespace, &vmi.name);
+            match fault {
+                MigrationFault::Fail => shared
+                    .kubevirt
+                    .fail_next_migrations(namespace, name, *count),
+                MigrationFault::Stall => shared
+                    .kubevirt
+                    .stall_next_migrations(namespace, name, *count),
+            }
+            Ok(format!(
+                "the next {count} migration(s) of {vmi} {}",
+                match fault {
+                    MigrationFault::Fail => "fail half-way through the copy",
+                    MigrationFault::Stall => "stall until the KubeVirt CR's progressTimeout",
+                }
+            ))
+        }
+        Request::KubeVirtFailureProbability(p) => {
+            shared.kubevirt.set_failure_probability(p.get());
+            Ok(format!("any migration fails with probability {p}"))
+        }
         Request::Status => Ok(shared.status().await),
     }
 }
@@ -442,6 +661,20 @@ mod tests {
             Request::Oom {
                 node: "node-2".into(),
             },
+            Request::KubeVirtWebhook(WebhookFault::Down),
+            Request::KubeVirtWebhook(WebhookFault::None),
+            Request::KubeVirtWebhook(WebhookFault::Slow(Duration::from_millis(2500))),
+            Request::KubeVirtMigrations {
+                fault: MigrationFault::Fail,
+                vmi: "default/live-1".parse().unwrap(),
+                count: 2,
+            },
+            Request::KubeVirtMigrations {
+                fault: MigrationFault::Stall,
+                vmi: "other/live-2".parse().unwrap(),
+                count: 1,
+            },
+            Request::KubeVirtFailureProbability("0.25".parse().unwrap()),
             Request::Status,
         ];
         for r in all {
@@ -485,5 +718,50 @@ mod tests {
                 "{bad:?}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn kubevirt_requests_default_and_refuse_what_cannot_be() {
+        assert_eq!(
+            "kubevirt stall live-3".parse::<Request>(),
+            Ok(Request::KubeVirtMigrations {
+                fault: MigrationFault::Stall,
+                vmi: VmiRef {
+                    namespace: VM_NAMESPACE.into(),
+                    name: "live-3".into()
+                },
+                count: 1,
+            })
+        );
+        assert_eq!(
+            "kubevirt webhook slow 0.5".parse::<Request>(),
+            Ok(Request::KubeVirtWebhook(WebhookFault::Slow(
+                Duration::from_millis(500)
+            )))
+        );
+        for (bad, why) in [
+            ("kubevirt", "unknown KubeVirt fault"),
+            ("kubevirt webhook", "unknown KubeVirt fault"),
+            ("kubevirt webhook sideways", "unknown KubeVirt fault"),
+            ("kubevirt webhook slow 0", "not a webhook delay"),
+            ("kubevirt webhook slow 61", "not a webhook delay"),
+            ("kubevirt webhook slow soon", "not a webhook delay"),
+            ("kubevirt fail", "unknown KubeVirt fault"),
+            ("kubevirt fail live-1 0", "not a count of migrations"),
+            ("kubevirt fail live-1 -2", "not a count of migrations"),
+            ("kubevirt fail live-1 2 3", "unknown KubeVirt fault"),
+            ("kubevirt stall Live_1", "not a VMI"),
+            ("kubevirt stall ns/", "not a VMI"),
+            ("kubevirt failure-probability 1.5", "not a probability"),
+            ("kubevirt failure-probability -0.1", "not a probability"),
+            ("kubevirt failure-probability NaN", "not a probability"),
+        ] {
+            let err = bad.parse::<Request>().unwrap_err();
+            assert!(
+                err.contains(why) && err.contains(KUBEVIRT_GRAMMAR),
+                "{bad:?}: {err}"
+            );
+        }
+        assert!(GRAMMAR.contains(KUBEVIRT_GRAMMAR) && GRAMMAR.ends_with("; status"));
     }
 }

@@ -165,10 +165,15 @@ impl LedgerReport {
             self.stopped_gracefully().len(),
             self.lost().len(),
         );
+        // A VMI that migrated and later stopped counts in both; "other" is neither.
+        let other = self
+            .vmis
+            .values()
+            .filter(|f| !f.is_migrated() && !f.is_stopped_gracefully() && !f.is_lost())
+            .count();
         format!(
-            "{} VMIs: {m} migrated, {s} stopped gracefully, {l} lost, {} other",
+            "{} VMIs: {m} migrated, {s} stopped gracefully, {l} lost, {other} other",
             self.vmis.len(),
-            self.vmis.len() - m - s - l
         )
     }
 }

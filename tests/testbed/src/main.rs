@@ -7,9 +7,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use testbed::bed::{Bed, BedOptions, LogindKind, Loginds};
-use testbed::ctl::{Request, parse_signal};
+use testbed::ctl::{
+    MigrationFault, Probability, Request, VmiRef, parse_signal, parse_webhook_delay,
+};
 use testbed::kubevirt::config::parse_quantity;
-use testbed::kubevirt::{KubeVirtOptions, KubeVirtVersion, VmSpec};
+use testbed::kubevirt::{KubeVirtOptions, KubeVirtVersion, VmSpec, WebhookFault};
 use testbed::pod::{Pod, PodOutput, PodSpec, parse_bytes};
 
 #[derive(Parser)]
@@ -42,7 +44,8 @@ enum Command {
         bed: BedArgs,
     },
     /// Hurt a running bed (`testbed up`, or `$TESTBED_CTL` from a pod of `testbed run`):
-    /// kube-apiserver, its connections, logind, the bus, units, pods.
+    /// kube-apiserver, its connections, logind, the bus, units, pods, KubeVirt's eviction
+    /// webhook and migrations.
     Fault(FaultArgs),
     /// Build what is needed, start the bed with mixed VMs, run shutdown-guard for node-1, power
     /// node-1 off and show what happened.
@@ -190,6 +193,11 @@ enum Fault {
         #[arg(long, default_value = "node-1")]
         node: String,
     },
+    /// The KubeVirt simulator: virt-api's eviction webhook and the migrations of VMIs.
+    Kubevirt {
+        #[command(subcommand)]
+        action: KubeVirtFault,
+    },
     /// Start a node's power-off.
     Poweroff {
         #[arg(long, default_value = "node-1")]
@@ -205,8 +213,51 @@ enum Fault {
         #[arg(long, default_value = "node-1")]
         node: String,
     },
-    /// What the bed runs: kube-apiserver, the proxy, each node's logind, the pods.
+    /// What the bed runs: kube-apiserver, the proxy, the KubeVirt faults, each node's logind,
+    /// the pods.
     Status,
+}
+
+#[derive(Subcommand)]
+enum KubeVirtFault {
+    /// virt-api's pod-eviction webhook; with its failurePolicy Fail, kube-apiserver fails the
+    /// eviction of a virt-launcher pod (500) while it is down or slower than its 10 s timeout.
+    Webhook {
+        #[command(subcommand)]
+        state: WebhookState,
+    },
+    /// The next COUNT migrations of a VMI fail half-way through the copy (the VMI stays on its
+    /// source; evacuations retry after their backoff).
+    Fail {
+        /// NAMESPACE/NAME, or NAME in `default`.
+        vmi: VmiRef,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        count: u32,
+    },
+    /// The next COUNT migrations of a VMI make no progress: virt-launcher aborts each after
+    /// the KubeVirt CR's progressTimeout (150 s unless the CR says otherwise).
+    Stall {
+        /// NAMESPACE/NAME, or NAME in `default`.
+        vmi: VmiRef,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        count: u32,
+    },
+    /// Any migration fails half-way through the copy with this probability (0 to 1; 0 turns
+    /// it off).
+    FailureProbability { probability: Probability },
+}
+
+#[derive(Subcommand)]
+enum WebhookState {
+    /// Close its port: kube-apiserver's calls are refused.
+    Down,
+    /// Answer every request SECONDS late (above 0, at most 60).
+    Slow {
+        #[arg(value_parser = parse_webhook_delay)]
+        seconds: Duration,
+    },
+    /// Listen and answer at once again.
+    Up,
 }
 
 #[derive(Subcommand)]
@@ -249,6 +300,26 @@ impl Fault {
             Fault::Kill { node, signal } => Request::Kill { node, signal },
             Fault::KillPid { pid, signal } => Request::KillPid { pid, signal },
             Fault::Oom { node } => Request::Oom { node },
+            Fault::Kubevirt { action } => match action {
+                KubeVirtFault::Webhook { state } => Request::KubeVirtWebhook(match state {
+                    WebhookState::Down => WebhookFault::Down,
+                    WebhookState::Slow { seconds } => WebhookFault::Slow(seconds),
+                    WebhookState::Up => WebhookFault::None,
+                }),
+                KubeVirtFault::Fail { vmi, count } => Request::KubeVirtMigrations {
+                    fault: MigrationFault::Fail,
+                    vmi,
+                    count,
+                },
+                KubeVirtFault::Stall { vmi, count } => Request::KubeVirtMigrations {
+                    fault: MigrationFault::Stall,
+                    vmi,
+                    count,
+                },
+                KubeVirtFault::FailureProbability { probability } => {
+                    Request::KubeVirtFailureProbability(probability)
+                }
+            },
             Fault::Poweroff { node } => Request::PowerOff { node },
             Fault::Reboot { node } => Request::Reboot { node },
             Fault::WaitPoweroff { node } => Request::WaitPowerOff { node },

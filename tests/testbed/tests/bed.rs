@@ -1,6 +1,7 @@
 //! The whole bed: `testbed run` gives a command what a pod on a node has, on one node or on
-//! every node at once, `testbed fault` reaches a bed kept up, and tearing the bed down leaves
-//! no process, mount, cgroup or folder behind.
+//! every node at once, a pod turns the bed's faults (KubeVirt's included) through
+//! `$TESTBED_CTL`, `testbed fault` reaches a bed kept up, and tearing the bed down leaves no
+//! process, mount, cgroup or folder behind.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -175,6 +176,167 @@ fn testbed_run_on_every_node_at_once_with_faults_from_a_pod() {
     );
 }
 
+/// The KubeVirt knobs, turned from a pod through `$TESTBED_CTL` and seen at the API server by
+/// the pod's kubectl: an eviction of a launcher pod fails (500, connection refused) while the
+/// eviction webhook is down, comes late while it is slow, is refused by KubeVirt (429) once it
+/// is up; a migration fails as asked, once, and the next one goes through; a stalled one is
+/// aborted after the CR's `progressTimeout`; a failure probability of 1 fails every migration
+/// and 0 none; a VMI the bed does not know is refused with the ones it does.
+#[test]
+fn testbed_run_turns_kubevirt_faults_from_a_pod() {
+    let script = r#"
+        set -eu
+        launcher() {
+          uid=$(kubectl get vmi "$1" -o jsonpath='{.metadata.uid}')
+          kubectl get pod -l "kubevirt.io/created-by=$uid" -o jsonpath='{.items[0].metadata.name}'
+        }
+        # The HTTP status of an eviction and kubectl's error line.
+        evict() {
+          out=$(printf '{"apiVersion":"policy/v1","kind":"Eviction","metadata":{"name":"%s","namespace":"default"}}' "$1" \
+            | kubectl create --raw "/api/v1/namespaces/default/pods/$1/eviction" -f - -v=6 2>&1) || true
+          code=$(printf '%s\n' "$out" | sed -n 's/.*"Response" verb="POST".* status="\([0-9]*\).*/\1/p')
+          echo "$code $(printf '%s\n' "$out" | grep '^Error from server')"
+        }
+        migrate() {
+          printf '{"apiVersion":"kubevirt.io/v1","kind":"VirtualMachineInstanceMigration","metadata":{"generateName":"ctl-","namespace":"default"},"spec":{"vmiName":"%s"}}' "$1" \
+            | kubectl create -o jsonpath='{.metadata.name}' -f -
+        }
+        # The migration's final phase and its VMI's node and failure reason after it.
+        outcome() {
+          m=$(migrate "$1")
+          for _ in $(seq 1 300); do
+            phase=$(kubectl get vmim "$m" -o jsonpath='{.status.phase}')
+            case "$phase" in
+              Succeeded|Failed)
+                kubectl get vmi "$1" -o jsonpath="$phase {.status.nodeName} {.status.migrationState.failureReason}"
+                return ;;
+            esac
+            sleep 0.2
+          done
+          echo "migration $m of $1 never ended"
+        }
+
+        pod=$(launcher stuck-1)
+        "$TESTBED_CTL" kubevirt webhook down
+        echo "down: $(evict "$pod")"
+        "$TESTBED_CTL" kubevirt webhook up
+        echo "up: $(evict "$pod")"
+        "$TESTBED_CTL" kubevirt webhook slow 2
+        echo "status: $("$TESTBED_CTL" status)"
+        start=$(date +%s%N)
+        answer=$(evict "$pod")
+        echo "slow: $(( ($(date +%s%N) - start) / 1000000 )) ms: $answer"
+        "$TESTBED_CTL" kubevirt webhook up
+
+        "$TESTBED_CTL" kubevirt fail live-1
+        echo "fail: $(outcome live-1)"
+        echo "after fail: $(outcome live-1)"
+        kubectl -n kubevirt patch kubevirt kubevirt --type merge \
+          -p '{"spec":{"configuration":{"migrations":{"progressTimeout":2}}}}' >/dev/null
+        "$TESTBED_CTL" kubevirt stall default/live-2 1
+        echo "stall: $(outcome live-2)"
+        "$TESTBED_CTL" kubevirt failure-probability 1
+        echo "probability 1: $(outcome live-2)"
+        "$TESTBED_CTL" kubevirt failure-probability 0
+        echo "probability 0: $(outcome live-2)"
+        refused=$("$TESTBED_CTL" kubevirt fail nope-1 2>&1) && exit 5
+        echo "refused: $refused"
+    "#;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_testbed"))
+        .args([
+            "run",
+            "--logind",
+            "elogind",
+            "--loginds",
+            "1",
+            "--nodes",
+            "3",
+            "--vms",
+            "live=2,stuck=1",
+            "--migration-seconds",
+            "1",
+            "--",
+            "bash",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("testbed runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let shown = format!(
+        "status {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert_eq!(out.status.code(), Some(0), "{shown}");
+    let line = |prefix: &str| -> String {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line: {shown}"))
+            .to_owned()
+    };
+    let not_migratable = "denied the request: VMI stuck-1 is configured with an eviction \
+                          strategy but is not live-migratable";
+
+    let down = line("down: ");
+    assert!(
+        down.starts_with("500 Error from server (InternalError)")
+            && down.contains("failed calling webhook")
+            && down.contains("connection refused"),
+        "eviction with the webhook down: {shown}"
+    );
+    let up = line("up: ");
+    assert!(
+        up.starts_with("429 ") && up.contains(not_migratable),
+        "eviction with the webhook up: {shown}"
+    );
+    assert!(
+        line("status: ").contains("KubeVirt eviction webhook slow (2 s)"),
+        "{shown}"
+    );
+    let slow = line("slow: ");
+    let (ms, answer) = slow.split_once(" ms: ").expect("slow line");
+    let ms: u64 = ms.parse().expect("milliseconds");
+    assert!(
+        ms >= 2000 && answer.starts_with("429 ") && answer.contains(not_migratable),
+        "eviction with the webhook 2 s slow: {shown}"
+    );
+
+    assert_eq!(
+        line("fail: "),
+        "Failed node-1 Live migration failed: injected by the test bed",
+        "{shown}"
+    );
+    let after = line("after fail: ");
+    assert!(
+        after.starts_with("Succeeded node-") && !after.starts_with("Succeeded node-1"),
+        "the failure was not used up by one migration: {shown}"
+    );
+    let stall = line("stall: ");
+    assert!(
+        stall.starts_with("Failed node-1 Live migration stuck for ")
+            && stall.ends_with(" seconds and has been aborted"),
+        "{shown}"
+    );
+    assert_eq!(
+        line("probability 1: "),
+        "Failed node-1 Live migration failed: injected by the test bed",
+        "{shown}"
+    );
+    assert!(
+        line("probability 0: ").starts_with("Succeeded node-")
+            && !line("probability 0: ").starts_with("Succeeded node-1"),
+        "{shown}"
+    );
+    assert_eq!(
+        line("refused: "),
+        "testbed-ctl: error: no VMI default/nope-1 (VMIs: default/live-1, default/live-2, \
+         default/stuck-1); name one as NAMESPACE/NAME, or NAME in default",
+        "{shown}"
+    );
+}
+
 /// `testbed fault` against a bed that `testbed up` keeps: status, a freeze of established
 /// connections and the thaw, and clear refusals for what the bed cannot do.
 #[test]
@@ -230,6 +392,26 @@ fn testbed_fault_reaches_a_bed_kept_up() {
     assert!(status.contains("frozen (established)"), "{status}");
     let (code, _, err) = fault(&["api", "thaw"]);
     assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = fault(&["kubevirt", "webhook", "slow", "1.5"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), "eviction webhook answers after 1.5 s");
+    let (_, status, _) = fault(&["status"]);
+    assert!(
+        status.contains("KubeVirt eviction webhook slow (1.5 s); migration faults: none"),
+        "{status}"
+    );
+    let (code, _, err) = fault(&["kubevirt", "webhook", "up"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = fault(&["kubevirt", "failure-probability", "0.5"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, status, _) = fault(&["status"]);
+    assert!(
+        status.contains("KubeVirt eviction webhook up; migration faults: failure probability 0.5"),
+        "{status}"
+    );
+    let (code, _, err) = fault(&["kubevirt", "stall", "live-1", "--count", "2"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no VMI default/live-1 (VMIs: none)"), "{err}");
     let (code, _, err) = fault(&["mask", "poweroff.target"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("elogind, which has no units"), "{err}");

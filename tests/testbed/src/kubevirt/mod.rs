@@ -267,7 +267,8 @@ pub(crate) struct Ctx {
     pub nodes: Store<Node>,
     pub changes: watch::Receiver<u64>,
     pub workloads: Workloads,
-    pub failures: Mutex<FailureInjection>,
+    /// Shared with [`KubeVirtFaults`], so knobs turned from outside reach the controllers.
+    pub failures: Arc<Mutex<FailureInjection>>,
     pub slots: Mutex<Slots>,
     pub slot_freed: Notify,
     /// Creations made and not yet seen in a cache ("expectations" upstream), by key.
@@ -462,7 +463,7 @@ pub struct KubeVirtSim {
     ctx: Arc<Ctx>,
     webhook_port: u16,
     webhook_requests: Arc<std::sync::atomic::AtomicU64>,
-    webhook_fault: watch::Sender<WebhookFault>,
+    faults: KubeVirtFaults,
     virt_api_port: u16,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -532,6 +533,107 @@ async fn apply_kubevirt_cr(client: &Client, config: &ClusterConfig) -> Result<()
     .await
     .map_err(api_err("marking the KubeVirt CR Deployed"))?;
     Ok(())
+}
+
+/// The simulator's fault knobs: the eviction webhook and migration failure injection. Clones
+/// share them with the simulator; once it is gone they change nothing.
+#[derive(Clone)]
+pub struct KubeVirtFaults {
+    webhook: Arc<watch::Sender<WebhookFault>>,
+    webhook_port: u16,
+    failures: Arc<Mutex<FailureInjection>>,
+    vmis: Store<VirtualMachineInstance>,
+}
+
+impl std::fmt::Debug for KubeVirtFaults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeVirtFaults")
+            .field("webhook", &self.webhook_fault())
+            .field("failures", &self.failures())
+            .finish()
+    }
+}
+
+impl KubeVirtFaults {
+    /// Takes the eviction webhook down (its port refuses connections), slows it, or restores
+    /// it. Takes effect for new connections and requests at once; `Down` also closes the
+    /// API server's kept-alive connections.
+    pub fn set_webhook_fault(&self, fault: WebhookFault) {
+        self.webhook.send_replace(fault);
+    }
+
+    /// [`set_webhook_fault`](Self::set_webhook_fault), then waits (at most 10 s) until the
+    /// webhook's port refuses connections (`Down`) or takes them again (otherwise), so an
+    /// eviction made after it returns meets the new state.
+    pub async fn apply_webhook_fault(&self, fault: WebhookFault) -> Result<(), KubeVirtError> {
+        self.set_webhook_fault(fault);
+        let want_open = fault != WebhookFault::Down;
+        let settled = async {
+            loop {
+                let open = tokio::net::TcpStream::connect(("127.0.0.1", self.webhook_port))
+                    .await
+                    .is_ok();
+                if open == want_open {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), settled)
+            .await
+            .map_err(|_| {
+                KubeVirtError::Timeout(format!(
+                    "the eviction webhook's port {} to {}",
+                    self.webhook_port,
+                    if want_open { "listen again" } else { "close" }
+                ))
+            })
+    }
+
+    pub fn webhook_fault(&self) -> WebhookFault {
+        *self.webhook.borrow()
+    }
+
+    /// The next `count` migrations of `namespace/vmi` fail half-way through the copy.
+    pub fn fail_next_migrations(&self, namespace: &str, vmi: &str, count: u32) {
+        let mut f = self.failures.lock().expect("failures lock");
+        *f.per_vmi.entry(format!("{namespace}/{vmi}")).or_default() += count;
+    }
+
+    /// The next `count` migrations of `namespace/vmi` make no progress, so virt-launcher
+    /// aborts them after the CR's `progressTimeout`.
+    pub fn stall_next_migrations(&self, namespace: &str, vmi: &str, count: u32) {
+        let mut f = self.failures.lock().expect("failures lock");
+        *f.stalls.entry(format!("{namespace}/{vmi}")).or_default() += count;
+    }
+
+    /// The probability (clamped to 0..=1) that any migration fails half-way through the copy.
+    pub fn set_failure_probability(&self, probability: f64) {
+        self.failures.lock().expect("failures lock").probability = probability.clamp(0.0, 1.0);
+    }
+
+    /// The injections not yet used up.
+    pub fn failures(&self) -> FailureInjection {
+        self.failures.lock().expect("failures lock").clone()
+    }
+
+    /// `namespace/name` of every VMI the simulator knows, sorted.
+    pub fn vmis(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .vmis
+            .state()
+            .iter()
+            .map(|v| {
+                format!(
+                    "{}/{}",
+                    v.metadata.namespace.as_deref().unwrap_or_default(),
+                    v.metadata.name.as_deref().unwrap_or_default()
+                )
+            })
+            .collect();
+        names.sort();
+        names
+    }
 }
 
 impl KubeVirtSim {
@@ -604,7 +706,7 @@ impl KubeVirtSim {
 
         let ctx = Arc::new(Ctx {
             client: client.clone(),
-            failures: Mutex::new(opts.failures.clone()),
+            failures: Arc::new(Mutex::new(opts.failures.clone())),
             opts,
             vmis,
             vmims,
@@ -645,12 +747,18 @@ impl KubeVirtSim {
             tasks.push(tokio::spawn(pdb::run(ctx.clone())));
         }
 
+        let faults = KubeVirtFaults {
+            webhook: Arc::new(fault_tx),
+            webhook_port: hook.port,
+            failures: ctx.failures.clone(),
+            vmis: ctx.vmis.clone(),
+        };
         let sim = Self {
             client,
             ctx,
             webhook_port: hook.port,
             webhook_requests: hook.requests,
-            webhook_fault: fault_tx,
+            faults,
             virt_api_port: api.port,
             tasks,
         };
@@ -692,32 +800,34 @@ impl KubeVirtSim {
         self.webhook_requests.load(Ordering::SeqCst)
     }
 
-    /// Takes the eviction webhook down (its port refuses connections), slows it, or restores
-    /// it. Takes effect for new connections and requests at once; `Down` also closes the
-    /// API server's kept-alive connections.
+    /// A cloneable handle on the fault knobs below, for whoever must turn them without owning
+    /// the simulator (the bed's ctl server).
+    pub fn faults(&self) -> KubeVirtFaults {
+        self.faults.clone()
+    }
+
+    /// See [`KubeVirtFaults::set_webhook_fault`].
     pub fn set_webhook_fault(&self, fault: WebhookFault) {
-        self.webhook_fault.send_replace(fault);
+        self.faults.set_webhook_fault(fault);
     }
 
     pub fn webhook_fault(&self) -> WebhookFault {
-        *self.webhook_fault.borrow()
+        self.faults.webhook_fault()
     }
 
-    /// The next `count` migrations of `namespace/vmi` fail half-way through the copy.
+    /// See [`KubeVirtFaults::fail_next_migrations`].
     pub fn fail_next_migrations(&self, namespace: &str, vmi: &str, count: u32) {
-        let mut f = self.ctx.failures.lock().expect("failures lock");
-        *f.per_vmi.entry(format!("{namespace}/{vmi}")).or_default() += count;
+        self.faults.fail_next_migrations(namespace, vmi, count);
     }
 
-    /// The next `count` migrations of `namespace/vmi` make no progress, so virt-launcher
-    /// aborts them after the CR's `progressTimeout`.
+    /// See [`KubeVirtFaults::stall_next_migrations`].
     pub fn stall_next_migrations(&self, namespace: &str, vmi: &str, count: u32) {
-        let mut f = self.ctx.failures.lock().expect("failures lock");
-        *f.stalls.entry(format!("{namespace}/{vmi}")).or_default() += count;
+        self.faults.stall_next_migrations(namespace, vmi, count);
     }
 
+    /// See [`KubeVirtFaults::set_failure_probability`].
     pub fn set_failure_probability(&self, probability: f64) {
-        self.ctx.failures.lock().expect("failures lock").probability = probability.clamp(0.0, 1.0);
+        self.faults.set_failure_probability(probability);
     }
 
     /// The KubeVirt CR's configuration as the simulator reads it now.
