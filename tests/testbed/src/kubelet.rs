@@ -16,8 +16,14 @@
 //! - a workload exiting on its own makes a `restartPolicy: Never/OnFailure` pod terminal (it stays
 //!   until deleted); `Always` restarts the container (restartCount + 1).
 //!
+//! - kubelet's own termination of a pod, without the API ([`Workloads::kill_locally`], what
+//!   graceful node shutdown's `TerminatePodAbnormallyAndWait` does): SIGTERM with a grace
+//!   override, the pod's `DisruptionTarget` condition, then phase `Failed` with the given reason
+//!   and message; the pod object stays.
+//!
 //! What the workload does is decided by other simulators through [`Workloads`]: e.g. the KubeVirt
-//! sim marks a virt-launcher's workload exited once its VM has shut down or migrated away.
+//! sim marks a virt-launcher's workload exited once its VM has shut down or migrated away, and
+//! shuts a VM down when its launcher got SIGTERM ([`Workloads::local_kill`]).
 //! A pod annotated [`SIGTERM_EXIT_ANNOTATION`] exits that many seconds after SIGTERM by itself.
 
 use std::collections::{BTreeMap, HashMap};
@@ -100,11 +106,23 @@ pub fn node_names(count: usize) -> Vec<String> {
 /// How a simulated workload ended: its (main) container's exit code.
 pub type ExitCode = i32;
 
+/// kubelet ending a pod on its own, not through the API (graceful node shutdown): the
+/// containers get SIGTERM and at most `grace`, then the pod reports `Failed` with `reason` and
+/// `message` and a `DisruptionTarget` condition with `condition_reason`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalKill {
+    pub grace: Duration,
+    pub reason: String,
+    pub message: String,
+    pub condition_reason: String,
+}
+
 /// Shared registry of simulated workloads, keyed by pod UID. Other simulators mark a pod's
 /// workload exited; the kubelet sim reacts as kubelet reacts to its containers exiting.
 #[derive(Clone, Default)]
 pub struct Workloads {
     inner: Arc<Mutex<HashMap<String, watch::Sender<Option<ExitCode>>>>>,
+    kills: Arc<Mutex<HashMap<String, watch::Sender<Option<LocalKill>>>>>,
 }
 
 impl std::fmt::Debug for Workloads {
@@ -136,6 +154,27 @@ impl Workloads {
         self.sender(pod_uid).subscribe()
     }
 
+    /// kubelet terminates the pod's containers itself (see [`LocalKill`]). A second kill only
+    /// shortens the grace period. Safe to call before the kubelet sim has seen the pod.
+    pub fn kill_locally(&self, pod_uid: &str, kill: LocalKill) {
+        self.kill_sender(pod_uid).send_modify(|k| match k {
+            Some(old) if old.grace <= kill.grace => {}
+            _ => *k = Some(kill),
+        });
+    }
+
+    /// Whether kubelet has sent the pod's containers SIGTERM on its own, and how.
+    pub fn local_kill(&self, pod_uid: &str) -> Option<LocalKill> {
+        self.kill_sender(pod_uid).borrow().clone()
+    }
+
+    fn kill_sender(&self, pod_uid: &str) -> watch::Sender<Option<LocalKill>> {
+        let mut map = self.kills.lock().expect("workloads lock");
+        map.entry(pod_uid.to_owned())
+            .or_insert_with(|| watch::channel(None).0)
+            .clone()
+    }
+
     /// A restarted container runs a fresh workload.
     fn restart(&self, pod_uid: &str) {
         self.sender(pod_uid).send_replace(None);
@@ -143,6 +182,7 @@ impl Workloads {
 
     fn forget(&self, pod_uid: &str) {
         self.inner.lock().expect("workloads lock").remove(pod_uid);
+        self.kills.lock().expect("workloads lock").remove(pod_uid);
     }
 }
 
@@ -568,6 +608,10 @@ fn sigterm_exit_after(pod: &Pod) -> Option<Duration> {
 /// The lifecycle of one pod on a simulated node.
 async fn run_pod(ctx: Arc<PodCtx>, uid: String, mut updates: watch::Receiver<Option<Pod>>) {
     let mut exits = ctx.workloads.subscribe(&uid);
+    let mut kills = ctx.workloads.kill_sender(&uid).subscribe();
+    // A kill sent before this task subscribed counts too.
+    kills.mark_changed();
+    let mut killed: Option<LocalKill> = None;
     let pods_of = |pod: &Pod| {
         Api::<Pod>::namespaced(
             ctx.client.clone(),
@@ -636,6 +680,31 @@ async fn run_pod(ctx: Arc<PodCtx>, uid: String, mut updates: watch::Receiver<Opt
                 }
                 continue;
             }
+            changed = kills.changed(), if !terminal => {
+                if changed.is_err() {
+                    break;
+                }
+                let Some(kill) = kills.borrow_and_update().clone() else { continue };
+                let deadline = Instant::now() + kill.grace;
+                kill_deadline = Some(kill_deadline.map_or(deadline, |d| d.min(deadline)));
+                if self_exit.is_none()
+                    && let Some(after) = sigterm_exit_after(&current)
+                {
+                    self_exit = Some(Instant::now() + after);
+                }
+                let now = now_rfc3339();
+                let condition = json!({"status": {"conditions": [{
+                    "type": "DisruptionTarget", "status": "True", "reason": kill.condition_reason,
+                    "message": kill.message, "lastTransitionTime": now}]}});
+                if let Err(e) = pods_of(&current)
+                    .patch_status(&name, &PatchParams::default(), &Patch::Strategic(condition))
+                    .await
+                {
+                    tracing::debug!(pod = name, error = %e, "could not report DisruptionTarget");
+                }
+                killed = Some(kill);
+                continue;
+            }
             changed = exits.changed(), if !terminal => {
                 if changed.is_err() {
                     break;
@@ -651,7 +720,7 @@ async fn run_pod(ctx: Arc<PodCtx>, uid: String, mut updates: watch::Receiver<Opt
                     let _ = pods_of(&current).patch_status(&name, &PatchParams::default(), &Patch::Strategic(status)).await;
                     continue;
                 }
-                terminal = finish(&ctx, &current, &name, &pod_ip, started, restarts, code).await;
+                terminal = finish(&ctx, &current, &name, &pod_ip, started, restarts, code, killed.as_ref()).await;
                 continue;
             }
             _ = sleep_until_opt(sleep_until), if !terminal && sleep_until.is_some() => {
@@ -663,7 +732,7 @@ async fn run_pod(ctx: Arc<PodCtx>, uid: String, mut updates: watch::Receiver<Opt
                 }
                 if kill_deadline.is_some_and(|t| t <= now) {
                     // Grace period over: SIGKILL.
-                    terminal = finish(&ctx, &current, &name, &pod_ip, started, restarts, 137).await;
+                    terminal = finish(&ctx, &current, &name, &pod_ip, started, restarts, 137, killed.as_ref()).await;
                 }
                 continue;
             }
@@ -679,7 +748,10 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-/// Reports the containers ended and the pod terminal. Returns whether that is now so.
+/// Reports the containers ended and the pod terminal. Returns whether that is now so. A pod
+/// kubelet killed on its own ends `Failed` with the kill's reason and message, whatever its
+/// containers' exit codes (the status function graceful node shutdown passes).
+#[allow(clippy::too_many_arguments)]
 async fn finish(
     ctx: &PodCtx,
     pod: &Pod,
@@ -688,12 +760,18 @@ async fn finish(
     started: DateTime<Utc>,
     restarts: i32,
     code: ExitCode,
+    killed: Option<&LocalKill>,
 ) -> bool {
     let api = Api::<Pod>::namespaced(
         ctx.client.clone(),
         pod.metadata.namespace.as_deref().unwrap_or("default"),
     );
-    let status = terminated_status(pod, &ctx.node_ip, pod_ip, started, restarts, code);
+    let mut status = terminated_status(pod, &ctx.node_ip, pod_ip, started, restarts, code);
+    if let Some(kill) = killed {
+        status["status"]["phase"] = json!("Failed");
+        status["status"]["reason"] = json!(kill.reason);
+        status["status"]["message"] = json!(kill.message);
+    }
     match api
         .patch_status(name, &PatchParams::default(), &Patch::Strategic(status))
         .await
@@ -875,6 +953,34 @@ mod tests {
         let rx = w.subscribe("uid-1");
         assert_eq!(*rx.borrow(), Some(0));
         assert_eq!(w.exited("uid-2"), None);
+    }
+
+    #[test]
+    fn a_local_kill_is_seen_however_early_and_only_ever_shortens_the_grace() {
+        let w = Workloads::default();
+        let kill = |secs| LocalKill {
+            grace: Duration::from_secs(secs),
+            reason: "Terminated".into(),
+            message: "m".into(),
+            condition_reason: "TerminationByKubelet".into(),
+        };
+        assert_eq!(w.local_kill("uid-1"), None);
+        w.kill_locally("uid-1", kill(50));
+        assert_eq!(w.local_kill("uid-1"), Some(kill(50)));
+        w.kill_locally("uid-1", kill(80));
+        assert_eq!(
+            w.local_kill("uid-1").unwrap().grace,
+            Duration::from_secs(50)
+        );
+        w.kill_locally("uid-1", kill(10));
+        assert_eq!(
+            w.local_kill("uid-1").unwrap().grace,
+            Duration::from_secs(10)
+        );
+        // The pod's task subscribes later and still sees it.
+        let mut rx = w.kill_sender("uid-1").subscribe();
+        rx.mark_changed();
+        assert!(rx.has_changed().unwrap());
     }
 
     #[test]

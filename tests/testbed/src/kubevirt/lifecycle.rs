@@ -6,7 +6,8 @@
 //! - boot: virt-handler reports the domain running only after it booted
 //!   (`pkg/virt-handler/vm.go`: phase Running and the conditions, `LiveMigratable` among them),
 //!   so between Scheduled and Running a VMI is on its node without that condition;
-//! - stop: when a launcher pod gets a deletion timestamp, virt-launcher receives SIGTERM and
+//! - stop: when a launcher pod gets a deletion timestamp, or kubelet terminates it on its own
+//!   (graceful node shutdown), virt-launcher receives SIGTERM and
 //!   shuts the domain down gracefully (ACPI) within the grace period
 //!   (`cmd/virt-launcher`, `pkg/virt-launcher/virtwrap/manager.go`); virt-handler then
 //!   reports the VMI `Succeeded` and the launcher exits. Pods that are not the VMI's active
@@ -420,7 +421,7 @@ async fn sync_attachment_pods(ctx: &Ctx) {
     }
 }
 
-/// Starts a shutdown for each launcher pod newly marked for deletion.
+/// Starts a shutdown for each launcher pod newly marked for deletion or sent SIGTERM by kubelet.
 fn stop_pods(
     ctx: &Arc<Ctx>,
     shutting_down: &mut HashSet<String>,
@@ -431,7 +432,7 @@ fn stop_pods(
     shutting_down.retain(|uid| present.contains(uid));
     for pod in pods {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
-        if pod.metadata.deletion_timestamp.is_none()
+        if (pod.metadata.deletion_timestamp.is_none() && ctx.workloads.local_kill(&uid).is_none())
             || pod_terminal(&pod)
             || !shutting_down.insert(uid.clone())
         {
@@ -464,12 +465,16 @@ async fn shut_down(ctx: Arc<Ctx>, pod: Arc<Pod>, pod_uid: String) {
                     .map(String::as_str)
     });
     if active {
-        let grace = Duration::from_secs(
-            pod.metadata
-                .deletion_grace_period_seconds
-                .unwrap_or(30)
-                .max(1) as u64,
-        );
+        let grace = match ctx.workloads.local_kill(&pod_uid) {
+            Some(kill) if pod.metadata.deletion_timestamp.is_none() => kill.grace,
+            _ => Duration::from_secs(
+                pod.metadata
+                    .deletion_grace_period_seconds
+                    .unwrap_or(30)
+                    .max(1) as u64,
+            ),
+        }
+        .max(Duration::from_secs(1));
         let took = ctx
             .opts
             .shutdown_duration
@@ -477,7 +482,7 @@ async fn shut_down(ctx: Arc<Ctx>, pod: Arc<Pod>, pod_uid: String) {
         tracing::info!(
             vmi = vmi_name,
             ?took,
-            "launcher pod deleted; shutting the VM down"
+            "launcher pod got SIGTERM; shutting the VM down"
         );
         tokio::time::sleep(took).await;
         let api = Api::<VirtualMachineInstance>::namespaced(ctx.client.clone(), &ns);

@@ -1,0 +1,114 @@
+//! The agent under test as a pod on a node: `shutdown-guard run` (the lock holder), which
+//! starts the drain worker itself (`shutdown-guard worker`, same binary, as an unprivileged
+//! user). Footprints cover both processes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use super::procfs;
+use crate::bed::Bed;
+use crate::pod::{Pod, PodOutput, PodSpec};
+
+/// `who` of the agent's inhibitor.
+pub const WHO: &str = "shutdown-guard";
+const COMM: &str = "shutdown-guard";
+
+pub struct AgentPod {
+    pub pod: Pod,
+    pub node: String,
+    pub log: PathBuf,
+}
+
+impl AgentPod {
+    /// Starts the agent guarding `node` with the credentials of `kubeconfig`; its state (drain
+    /// memory) in a folder of its own, its admin port on any free loopback port.
+    pub async fn spawn(bed: &Bed, node: &str, binary: &Path, kubeconfig: &Path) -> Result<Self> {
+        let dir = bed.control_plane.dir().join(format!(
+            "bench-agent-{node}-{}",
+            rand::random::<u32>() % 1_000_000
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let log = dir.join("agent.log");
+        let state = dir.join("state");
+        let program = binary.to_str().context("agent path is not UTF-8")?;
+        let state_arg = state.to_str().context("state path is not UTF-8")?;
+        let spec = PodSpec::new(
+            program,
+            &[
+                "run",
+                "--node",
+                node,
+                "--log-format",
+                "json",
+                "--listen-address",
+                "127.0.0.1:0",
+                "--state-dir",
+                state_arg,
+            ],
+        )
+        .name(format!("shutdown-guard-{node}"))
+        .env("KUBECONFIG", kubeconfig.display().to_string())
+        .output(PodOutput::File(log.clone()));
+        let pod = bed.node(node)?.spawn_pod(spec).await?;
+        Ok(Self {
+            pod,
+            node: node.to_owned(),
+            log,
+        })
+    }
+
+    pub fn log_tail(&self) -> String {
+        crate::controlplane::log_tail(&self.log, 30)
+    }
+
+    /// Waits until logind lists the agent's delay lock.
+    pub async fn wait_lock(&mut self, bed: &Bed, timeout: Duration) -> Result<()> {
+        let node = bed.node(&self.node)?;
+        let end = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.pod.try_wait() {
+                bail!(
+                    "the agent exited ({status}) before taking its lock; its log:\n{}",
+                    self.log_tail()
+                );
+            }
+            let held = node
+                .list_inhibitors()
+                .await
+                .map(|l| l.iter().any(|i| i.who == WHO && i.mode == "delay"))
+                .unwrap_or(false);
+            if held {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= end {
+                bail!(
+                    "the agent took no lock within {timeout:?}; its log:\n{}",
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Host PIDs of the holder and the worker it started, once both run.
+    pub async fn processes(&self, timeout: Duration) -> Result<Vec<u32>> {
+        let root = self.pod.parent_pid();
+        crate::wait::until(timeout, Duration::from_millis(20), || async {
+            let pids = procfs::descendants_named(root, COMM);
+            (pids.len() >= 2).then_some(pids)
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "no holder and worker under the agent's pod; log:\n{}",
+                self.log_tail()
+            )
+        })
+    }
+
+    pub async fn stop(mut self) {
+        self.pod.kill().await;
+    }
+}
