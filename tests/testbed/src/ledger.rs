@@ -768,7 +768,13 @@ mod tests {
         };
         let f = one(v, &[del], &[("node-1", 500)]);
         assert!(
-            matches!(f.outcome, Outcome::StoppedGracefully { grace_seconds: Some(30), .. }),
+            matches!(
+                f.outcome,
+                Outcome::StoppedGracefully {
+                    grace_seconds: Some(30),
+                    ..
+                }
+            ),
             "{f:?}"
         );
     }
