@@ -325,8 +325,7 @@ fn fate_of(
                 // deletion may be seen after the VMI's final phase, so order is not required.
                 let grace = deletions
                     .iter()
-                    .filter(|d| d.node == node && d.at <= s.at)
-                    .next_back()
+                    .rfind(|d| d.node == node && d.at <= s.at)
                     .or_else(|| deletions.iter().find(|d| d.node == node))
                     .map(|d| d.grace_seconds);
                 Outcome::StoppedGracefully {
