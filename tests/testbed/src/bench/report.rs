@@ -753,8 +753,9 @@ impl Report {
     fn limits_section(&self, o: &mut String) {
         let _ = writeln!(o, "## 6. What this run does not show\n");
         let mut lines = vec![
-            "The image itself: no container builder and no musl target on this machine; the \
-             size given is its single layer."
+            "The image itself: the size given is its single layer (the static binary); \
+             `scripts/image.sh` builds and runs the image where buildah is installed \
+             (`tests/image.rs`), outside the bench."
                 .to_owned(),
             "kubelet's graceful node shutdown is a simulation of its manager (the file cited \
              above); it does not report the node NotReady or refuse new pods while shutting \
@@ -767,6 +768,25 @@ impl Report {
         if let Some(s) = &self.settings {
             if !s.sizes.contains(&200) {
                 lines.push("N = 200 was not run.".into());
+            }
+            let skipped: Vec<String> = [60, 300, 900]
+                .iter()
+                .filter(|b| !s.budgets.contains(b))
+                .map(|b| format!("{b} s"))
+                .collect();
+            if !skipped.is_empty() {
+                lines.push(format!(
+                    "Budgets not run: {} (a budget only caps a drain; cells that empty the node \
+                     sooner do not depend on it).",
+                    skipped.join(", ")
+                ));
+            }
+            if s.fleet_window < Duration::from_secs(600) {
+                lines.push(format!(
+                    "Fleet windows of {} s instead of 10 minutes (requests per hour are scaled \
+                     from them).",
+                    s.fleet_window.as_secs()
+                ));
             }
             if s.fleet_sizes.last().is_some_and(|&n| n < 200) {
                 lines.push(format!(
