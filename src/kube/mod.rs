@@ -104,7 +104,7 @@ fn build(cfg: Config) -> Result<Client, ClientError> {
     timed.set_reset_reader_on_write(true);
     // No idle connections kept for reuse: after an API VIP failover every pooled connection is
     // dead but looks alive, and each request sent on one waits out the read timeout before the
-    // next try (measured on the bed: a re-watch 55 s after the freeze instead of 30 s). A
+    // next try (measured on the bed: a watch reopened 55 s after the freeze instead of 25 s). A
     // fresh connection per request costs one TLS handshake, a few per minute while idle.
     let hyper = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)

@@ -146,6 +146,8 @@ pub struct Failure {
 pub struct Matrix {
     pub cells: Vec<Cell>,
     pub failures: Vec<Failure>,
+    /// Cells whose setup (before the shutdown) failed once and were run again.
+    pub retried: Vec<Failure>,
     /// Load before and after each size's bed.
     pub loads: BTreeMap<usize, Load>,
     pub params: Option<bound::BoundParams>,
@@ -213,9 +215,24 @@ async fn run_size_in(bed: &mut Bed, s: &Settings, n: usize, matrix: &mut Matrix)
             Tool::Guard => &agent_kc,
             _ => &kubectl_kc,
         };
-        let cell = run_cell(bed, s, tool, n, budget, kc).await;
+        let mut cell = run_cell(bed, s, tool, n, budget, kc).await;
         // Whatever happened, node-1 boots again and nothing of the cell stays behind.
-        let restored = restore(bed, &namespace(tool, n, budget)).await;
+        let mut restored = restore(bed, &namespace(tool, n, budget)).await;
+        // A cell that failed before its shutdown measured nothing: run it once more, and say so.
+        if restored.is_ok()
+            && let Err(e) = &cell
+            && e.downcast_ref::<Setup>().is_some()
+        {
+            eprintln!("bench:   setup failed ({e:#}); running the cell once more");
+            matrix.retried.push(Failure {
+                tool,
+                n,
+                budget,
+                error: format!("{e:#}"),
+            });
+            cell = run_cell(bed, s, tool, n, budget, kc).await;
+            restored = restore(bed, &namespace(tool, n, budget)).await;
+        }
         match cell {
             Ok(c) => {
                 eprintln!(
@@ -243,6 +260,11 @@ async fn run_size_in(bed: &mut Bed, s: &Settings, n: usize, matrix: &mut Matrix)
     Ok(())
 }
 
+/// A cell's setup failed before its shutdown started: nothing was measured.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Setup(String);
+
 fn namespace(tool: Tool, n: usize, budget: u64) -> String {
     format!("{}-n{n}-b{budget}", tool.slug())
 }
@@ -264,7 +286,7 @@ async fn run_cell(
     bed.kubevirt
         .create_vmis(&ns, NODE, &mix::spec(n))
         .await
-        .with_context(|| format!("creating {n} VMIs"))?;
+        .map_err(|e| Setup(format!("creating {n} VMIs: {e}")))?;
     let mut notes = Vec::new();
 
     // Arm the tool.

@@ -392,6 +392,17 @@ impl Report {
             }
             let _ = writeln!(o);
         }
+        for f in &m.retried {
+            let _ = writeln!(
+                o,
+                "- run a second time, its setup having failed before the shutdown: N={} budget \
+                 {} s, {}: {}",
+                f.n,
+                f.budget,
+                f.tool.label(),
+                f.error
+            );
+        }
         for f in &m.failures {
             let _ = writeln!(
                 o,
@@ -660,14 +671,15 @@ impl Report {
                 Some((tar, gz)) => {
                     let _ = writeln!(
                         o,
-                        "| image (Dockerfile: `FROM scratch` + the binary) | not built here (no \
-                         container builder, no musl target); its one layer with this binary: \
-                         {:.1} MiB, {:.1} MiB gzip-compressed as a registry stores it{} | |",
+                        "| image (Dockerfile: `FROM scratch` + the binary) | not built by the \
+                         bench (`scripts/image.sh` builds it where buildah is installed); its one \
+                         layer with this binary: {:.1} MiB, {:.1} MiB gzip-compressed as a \
+                         registry stores it{} | |",
                         tar as f64 / (1024.0 * 1024.0),
                         gz as f64 / (1024.0 * 1024.0),
                         if dynamic {
-                            " (this build links glibc dynamically; the image's static musl build \
-                             differs by a few per cent)"
+                            " (this build links glibc dynamically; the image's static build differs \
+                             by a few per cent)"
                         } else {
                             ""
                         }
@@ -688,7 +700,7 @@ impl Report {
             o,
             "One bed of {} nodes, each with its own elogind (the agent's code path is the one \
              it takes on systemd), one API server. First {} s without any agent, then agents on \
-             the first 50, 100, 200 nodes (one per node, each its own user so the audit log \
+             the first {} nodes (one per node, each its own user so the audit log \
              attributes its requests), each size idle for its window and then through a \
              rolling reboot of {} nodes carrying 2 LiveMigrate VMIs each (power-off, the agent \
              drains, the node comes back with a new boot ID and a new agent). The API server's \
@@ -698,6 +710,12 @@ impl Report {
              included. Load {} → {}.\n",
             f.nodes,
             f.baseline.window.as_secs(),
+            f.steps
+                .iter()
+                .map(|st| st.agents.to_string())
+                .filter(|a| a != "0")
+                .collect::<Vec<_>>()
+                .join(", "),
             self.settings.as_ref().map_or(0, |s| s.fleet_reboots),
             f.load.before,
             f.load.after
