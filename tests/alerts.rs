@@ -25,7 +25,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::tools::{ops_tool, repo, run};
-use common::{Agent, start_bed, wait_for_lock};
+use common::{Agent, hold_delay_lock, start_bed, wait_for_lock};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Api;
@@ -522,45 +522,6 @@ fn metric_names(text: &str) -> Vec<String> {
     out
 }
 
-/// A process on node-1 holding a delay lock on shutdown; killed when dropped.
-async fn hold_delay_lock(bed: &testbed::bed::Bed) -> tokio::process::Child {
-    let child = bed
-        .pod_command(
-            "systemd-inhibit",
-            &[
-                "--what=shutdown",
-                "--who=holdup",
-                "--why=keeps node-1 up",
-                "--mode=delay",
-                "sleep",
-                "300",
-            ],
-        )
-        .await
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("systemd-inhibit starts");
-    let listed = testbed::wait::until(
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        || async {
-            bed.list_inhibitors()
-                .await
-                .ok()
-                .filter(|l| l.iter().any(|i| i.who == "holdup"))
-        },
-    )
-    .await;
-    assert!(
-        listed.is_some(),
-        "the holdup lock is not listed within 10 s"
-    );
-    child
-}
-
 /// `GET /metrics` on loopback: the text, or `None` when nothing answers.
 async fn get_metrics(port: u16) -> Option<String> {
     let io = async {
@@ -721,7 +682,7 @@ async fn a_failed_drain_on_the_bed_fires_each_alert_from_the_series_the_agent_ex
 
     // Another delay lock keeps node-1 up after the agent's release until logind's delay is
     // over, so the released agent can still be scraped.
-    let holdup = hold_delay_lock(&bed).await;
+    let holdup = hold_delay_lock(&bed, "holdup", "keeps node-1 up").await;
     bed.poweroff().await.expect("power-off starts");
     let end = Instant::now() + Duration::from_secs(60);
     loop {
