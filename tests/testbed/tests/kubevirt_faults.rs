@@ -258,6 +258,82 @@ async fn failed_evacuations_back_off_doubling() -> Result<()> {
     Ok(())
 }
 
+/// Upstream's evacuation controller skips a VMI that still has a second active launcher pod
+/// (a previous migration's target on its way out) and has no pod handler of its own: what
+/// re-queues the node is the VMI update the VMI controller makes when that pod is gone
+/// (`status.activePods`). Without it the evacuation stalled for good after a failed migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evacuation_resumes_when_a_lingering_launcher_pod_is_gone() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let b = bed(
+        2,
+        KubeVirtOptions {
+            migration_duration: Duration::from_secs(1),
+            ..KubeVirtOptions::default()
+        },
+    )
+    .await?;
+    b.kubevirt
+        .create_vmis("default", "node-1", &"live=1".parse()?)
+        .await?;
+    let pod = launcher_of(&b.client, "live-1").await?;
+    let pods = Api::<Pod>::namespaced(b.client.clone(), "default");
+    // A second pod of the VMI, as a failed migration's target leaves it for a while.
+    let mut lingering = pod.clone();
+    lingering.metadata = kube::api::ObjectMeta {
+        name: Some("lingering-target".into()),
+        labels: pod.metadata.labels.clone(),
+        owner_references: pod.metadata.owner_references.clone(),
+        ..Default::default()
+    };
+    lingering.status = None;
+    if let Some(spec) = lingering.spec.as_mut() {
+        spec.node_name = Some("node-2".into());
+    }
+    pods.create(&kube::api::PostParams::default(), &lingering)
+        .await?;
+    until("the lingering pod to run", Duration::from_secs(20), || {
+        let pods = pods.clone();
+        async move {
+            let p = pods.get("lingering-target").await?;
+            Ok((kubevirt_common::pod_phase(Some(&p)) == Some("Running")).then_some(()))
+        }
+    })
+    .await?;
+    match evict(&b.raw, pod.metadata.name.as_deref().unwrap_or_default()).await? {
+        Err((429, m)) if m.contains("Eviction triggered evacuation") => {}
+        other => anyhow::bail!("eviction answered {other:?}"),
+    }
+    let migrations =
+        Api::<VirtualMachineInstanceMigration>::namespaced(b.client.clone(), "default");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let early = migrations.list(&ListParams::default()).await?.items.len();
+    ensure!(
+        early == 0,
+        "{early} migrations while two launcher pods are active"
+    );
+
+    pods.delete("lingering-target", &kube::api::DeleteParams::default())
+        .await?;
+    until("an evacuation migration", Duration::from_secs(20), || {
+        let migrations = migrations.clone();
+        async move {
+            let items = migrations.list(&ListParams::default()).await?.items;
+            Ok((!items.is_empty()).then_some(()))
+        }
+    })
+    .await?;
+    wait_vmi(
+        &b.client,
+        "live-1",
+        "migrated to node-2",
+        Duration::from_secs(30),
+        |v| v.node_name() == Some("node-2"),
+    )
+    .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_migration_into_a_node_and_its_cancel() -> Result<()> {
     let _serial = SERIAL.lock().await;

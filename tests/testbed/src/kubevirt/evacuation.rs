@@ -4,7 +4,9 @@
 //! `kubevirt.io/evacuationMigration` annotation, else its VMI's node) or changes (its VMI's
 //! current node), or when the Node changes. Syncing a node picks the VMIs marked with
 //! `status.evacuationNodeName` (or all, under the drain taint) that are `LiveMigratable`, have
-//! no unfinished migration and one active pod, and creates `kubevirt-evacuation-*` migrations
+//! no unfinished migration and one active pod (a VMI skipped for a second pod comes back
+//! through the VMI update the VMI controller makes when that pod goes, see
+//! [`super::lifecycle`]; there is no pod handler here), and creates `kubevirt-evacuation-*` migrations
 //! for them: without the `MigrationPriorityQueue` gate at most
 //! min(parallelMigrationsPerCluster − running, parallelOutboundMigrationsPerNode − running from
 //! this node), re-queueing the node after 5 s when there is no room; with the gate, all at

@@ -15,7 +15,12 @@
 //! - delete: a deleted VMI's pods are deleted (`deleteAllMatchingPods`) and its finalizer
 //!   `kubevirt.io/foregroundDeleteVirtualMachine` goes once it is final and its pods are gone;
 //! - hotplug: a VMI with a hotplugged volume gets an attachment pod for its active launcher
-//!   pod ([`super::hotplug`]); those of launcher pods that have finished are removed.
+//!   pod ([`super::hotplug`]); those of launcher pods that have finished are removed;
+//! - active pods: every sync rewrites `status.activePods` from the pods the VMI controls, in any
+//!   phase (`setActivePods`, `vmi.go` v1.5.0, `lifecycle.go` v1.6.0–v1.8.0). The VMI controller
+//!   syncs a VMI whenever one of its pods changes, so a pod's deletion becomes a VMI update,
+//!   and that is what re-queues the node in the evacuation controller (which has no pod
+//!   handler) after it skipped a VMI whose previous migration's pod was still there.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -142,6 +147,38 @@ async fn update(api: &Api<VirtualMachineInstance>, name: &str, patch: Value, wha
     }
 }
 
+/// The merge patch that makes `status.activePods` (pod uid → node) list exactly `pods`, or
+/// `None` when it already does (or has never been set and there are no pods, as upstream
+/// leaves it).
+fn active_pods_patch(vmi: &VirtualMachineInstance, pods: &[Arc<Pod>]) -> Option<Value> {
+    let now: serde_json::Map<String, Value> = pods
+        .iter()
+        .map(|p| {
+            (
+                p.metadata.uid.clone().unwrap_or_default(),
+                json!(pod_node(p)),
+            )
+        })
+        .collect();
+    let status = vmi.status.as_ref();
+    let before = status
+        .and_then(|s| s.rest.get("activePods"))
+        .and_then(Value::as_object);
+    if before.is_none() && now.is_empty() {
+        return None;
+    }
+    if before == Some(&now) {
+        return None;
+    }
+    let mut merged = now.clone();
+    for gone in before.into_iter().flat_map(|b| b.keys()) {
+        if !now.contains_key(gone) {
+            merged.insert(gone.clone(), Value::Null);
+        }
+    }
+    Some(json!({"status": {"activePods": merged}}))
+}
+
 /// One pass over the VMIs; returns when the next boot finishes, if one is pending.
 async fn sync_vmis(ctx: &Arc<Ctx>, creating: &mut HashMap<String, Instant>) -> Option<Instant> {
     creating.retain(|_, at| at.elapsed() < Duration::from_secs(10));
@@ -159,6 +196,9 @@ async fn sync_vmis(ctx: &Arc<Ctx>, creating: &mut HashMap<String, Instant>) -> O
         if vmi.metadata.deletion_timestamp.is_some() {
             delete_vmi(ctx, &api, &vmi, &pods).await;
             continue;
+        }
+        if let Some(patch) = active_pods_patch(&vmi, &pods) {
+            update(&api, &name, patch, "updating the VMI's active pods").await;
         }
         if vmi.is_final() {
             continue;
@@ -536,5 +576,33 @@ mod tests {
         );
         let s = phase_change(&vmi, "Running", t0);
         assert_eq!(s["phaseTransitionTimestamps"].as_array().unwrap().len(), 2);
+    }
+
+    fn pod(uid: &str, node: &str) -> Arc<Pod> {
+        let mut p = Pod::default();
+        p.metadata.uid = Some(uid.into());
+        p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: Some(node.into()),
+            ..Default::default()
+        });
+        Arc::new(p)
+    }
+
+    #[test]
+    fn active_pods_follow_the_pods_and_a_gone_pod_is_removed() {
+        let mut vmi = VmiTemplate::new(VmiKind::Live, None).vmi("a", "default");
+        assert_eq!(active_pods_patch(&vmi, &[]), None, "never set, no pods");
+        let both = [pod("s", "node-1"), pod("t", "node-2")];
+        let patch = active_pods_patch(&vmi, &both).unwrap();
+        assert_eq!(
+            patch,
+            json!({"status": {"activePods": {"s": "node-1", "t": "node-2"}}})
+        );
+        vmi.status = Some(serde_json::from_value(patch["status"].clone()).unwrap());
+        assert_eq!(active_pods_patch(&vmi, &both), None, "unchanged");
+        assert_eq!(
+            active_pods_patch(&vmi, &both[..1]).unwrap(),
+            json!({"status": {"activePods": {"s": "node-1", "t": null}}})
+        );
     }
 }
