@@ -205,6 +205,7 @@ fn each_value_changes_only_what_it_names_and_bad_values_are_refused() {
                 "*:/metadata/namespace",
                 "ClusterRoleBinding#0:/subjects/0/namespace",
                 "ValidatingAdmissionPolicy#0:/spec/matchConditions/0/expression",
+                "ValidatingAdmissionPolicy#1:/spec/matchConditions/0/expression",
             ],
         ),
         (
@@ -214,6 +215,7 @@ fn each_value_changes_only_what_it_names_and_bad_values_are_refused() {
                 "DaemonSet#0:/spec/template/spec/serviceAccountName",
                 "ClusterRoleBinding#0:/subjects/0/name",
                 "ValidatingAdmissionPolicy#0:/spec/matchConditions/0/expression",
+                "ValidatingAdmissionPolicy#1:/spec/matchConditions/0/expression",
             ],
         ),
         (&["--set", "namespace.create=false"], &["Namespace#0:/"]),
@@ -226,6 +228,9 @@ fn each_value_changes_only_what_it_names_and_bad_values_are_refused() {
                 "ConfigMap#0:/metadata/name",
                 "ConfigMap#0:/data/config.yaml",
                 "DaemonSet#0:/spec/template/spec/volumes/*/configMap/name",
+                // Scope all evicts more than launcher pods: no eviction policy.
+                "ValidatingAdmissionPolicy#1:/",
+                "ValidatingAdmissionPolicyBinding#1:/",
             ],
         ),
         (

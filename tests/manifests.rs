@@ -437,3 +437,701 @@ async fn only_uid_0_without_capabilities_gets_the_lock_on_a_node_without_polkit(
     eprintln!("{}", summary.join("\n"));
     bed.shutdown().await.expect("the bed stops");
 }
+
+/// What the agent's identity may write, with the DaemonSet pod's token on node-1, against the
+/// real API server and the installed policies: the cordon, its annotations and its condition
+/// on node-1, and nothing else of any Node; evictions of launcher pods only, and of those on
+/// any node (the residual risk docs/security.md states: KubeVirt answers with an evacuation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_identity_changes_only_what_a_shutdown_needs() {
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    use kube::api::{DeleteParams, EvictParams, Patch, PatchParams, PostParams};
+    use serde_json::json;
+    use testbed::controlplane::Credentials;
+    use testbed::kubevirt::{VirtualMachineInstance, VirtualMachineInstanceMigration};
+
+    init_tracing();
+    let bed = Bed::start(BedOptions {
+        vms: "node-2:live=1".parse().unwrap(),
+        ..BedOptions::default()
+    })
+    .await
+    .expect("the bed starts");
+    apply_manifests(&bed.control_plane).await;
+    let admin = bed.client();
+    let pod = identity::daemonset_pod(&admin, NS, NODE).await;
+    // The pod as admission made it: API credentials in the worker only, none in the holder.
+    let spec = pod.spec.clone().expect("pod spec");
+    let token_mounts = |c: &k8s_openapi::api::core::v1::Container| {
+        c.volume_mounts
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| m.mount_path.starts_with("/var/run/secrets/kubernetes.io"))
+            .map(|m| m.name)
+            .collect::<Vec<_>>()
+    };
+    let holder = spec
+        .init_containers
+        .as_ref()
+        .and_then(|cs| cs.iter().find(|c| c.name == "holder"))
+        .expect("the holder");
+    assert_eq!(
+        token_mounts(holder),
+        Vec::<String>::new(),
+        "the holder has a token"
+    );
+    let worker_mounts = token_mounts(&spec.containers[0]);
+    assert_eq!(worker_mounts, vec!["api-access".to_owned()]);
+    let api_access = spec
+        .volumes
+        .unwrap_or_default()
+        .into_iter()
+        .find(|v| v.name == "api-access")
+        .and_then(|v| v.projected)
+        .expect("a projected api-access volume");
+    assert!(
+        api_access
+            .sources
+            .unwrap_or_default()
+            .iter()
+            .any(|s| s.service_account_token.is_some()),
+        "api-access carries the ServiceAccount token"
+    );
+    let token = identity::sa_token(&admin, NS, SA, Some(&pod)).await;
+    let kubeconfig = bed
+        .control_plane
+        .write_kubeconfig(
+            "shutdown-guard-least",
+            &format!("system:serviceaccount:{NS}:{SA}"),
+            &Credentials::Token(token),
+        )
+        .expect("kubeconfig");
+    // The agent's own client (no retry of 429s, which would turn KubeVirt's answer into a
+    // wait for the migration).
+    let agent = shutdown_guard::kube::client(Some(&kubeconfig))
+        .await
+        .expect("client");
+    let nodes: Api<Node> = Api::all(agent.clone());
+    let merge = |v: serde_json::Value| Patch::Merge(v);
+    let pp = PatchParams::default();
+
+    // A freshly created policy takes a moment to be enforced: wait for its first refusal.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = nodes
+            .patch(
+                "node-2",
+                &pp,
+                &merge(json!({"spec": {"unschedulable": true}})),
+            )
+            .await;
+        if r.is_err() {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the own-node policy never refused node-2"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = Api::<Node>::all(admin.clone())
+        .patch(
+            "node-2",
+            &pp,
+            &merge(json!({"spec": {"unschedulable": null}})),
+        )
+        .await;
+
+    // Allowed on node-1: what a shutdown needs, as src/kube/cordon.rs and condition.rs write it.
+    let mark = "shutdown-guard.kubevirt.io/cordoned-boot-id";
+    nodes
+        .patch(
+            NODE,
+            &pp,
+            &merge(
+                json!({"spec": {"unschedulable": true}, "metadata": {"annotations": {mark: "b"}}}),
+            ),
+        )
+        .await
+        .expect("cordon and its mark");
+    nodes
+        .patch_status(
+            NODE,
+            &pp,
+            &Patch::Strategic(json!({"status": {"conditions": [{
+                "type": "ShutdownGuard", "status": "True", "reason": "Draining",
+                "message": "test", "lastTransitionTime": chrono::Utc::now()}]}})),
+        )
+        .await
+        .expect("its own condition");
+    nodes
+        .patch(
+            NODE,
+            &pp,
+            &merge(json!({"metadata": {"annotations": {
+                "status.shutdown-guard.kubevirt.io/last-shutdown": "{}"}}})),
+        )
+        .await
+        .expect("the last shutdown's record");
+    nodes
+        .patch(
+            NODE,
+            &pp,
+            &merge(
+                json!({"spec": {"unschedulable": null}, "metadata": {"annotations": {mark: null}}}),
+            ),
+        )
+        .await
+        .expect("uncordon and unmark");
+
+    // Refused on node-1: everything else, each with a message that says why.
+    let refused = |what: &'static str, want: &'static str, r: Result<Node, kube::Error>| {
+        let err = r.expect_err(what);
+        assert_eq!(identity::api_code(&err), Some(403), "{what}: {err}");
+        let msg = identity::api_message(&err);
+        assert!(msg.contains(want), "{what}: {msg}");
+    };
+    refused(
+        "a label",
+        "not its labels",
+        nodes
+            .patch(
+                NODE,
+                &pp,
+                &merge(json!({"metadata": {"labels": {"evil": "x"}}})),
+            )
+            .await,
+    );
+    refused(
+        "another annotation",
+        "only its own annotations",
+        nodes
+            .patch(
+                NODE,
+                &pp,
+                &merge(json!({"metadata": {"annotations": {"node.alpha.kubernetes.io/ttl": "1"}}})),
+            )
+            .await,
+    );
+    refused(
+        "a taint",
+        "not its taints",
+        nodes
+            .patch(
+                NODE,
+                &pp,
+                &merge(json!({"spec": {"taints": [{"key": "evil", "effect": "NoSchedule"}]}})),
+            )
+            .await,
+    );
+    refused(
+        "the provider ID",
+        "not its taints or the rest of its spec",
+        nodes
+            .patch(
+                NODE,
+                &pp,
+                &merge(json!({"spec": {"providerID": "evil://x"}})),
+            )
+            .await,
+    );
+    refused(
+        "allocatable",
+        "not kubelet's conditions, capacity, allocatable",
+        nodes
+            .patch_status(
+                NODE,
+                &pp,
+                &merge(json!({"status": {"allocatable": {"pods": "1000"}}})),
+            )
+            .await,
+    );
+    refused(
+        "kubelet's Ready condition",
+        "only its own condition",
+        nodes
+            .patch_status(
+                NODE,
+                &pp,
+                &Patch::Strategic(json!({"status": {"conditions": [{
+                    "type": "Ready", "status": "False", "reason": "Evil", "message": "x"}]}})),
+            )
+            .await,
+    );
+    refused(
+        "an address",
+        "only its own condition",
+        nodes
+            .patch_status(
+                NODE,
+                &pp,
+                &merge(json!({"status": {"addresses": [{"type": "InternalIP", "address": "10.9.9.9"}]}})),
+            )
+            .await,
+    );
+    // Another Node: nothing at all, not even a cordon.
+    refused(
+        "cordoning node-2",
+        "may not change Node node-2",
+        nodes
+            .patch(
+                "node-2",
+                &pp,
+                &merge(json!({"spec": {"unschedulable": true}})),
+            )
+            .await,
+    );
+    let node1 = Api::<Node>::all(admin.clone()).get(NODE).await.unwrap();
+    assert!(
+        node1
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("evil")
+            .is_none()
+            && node1
+                .spec
+                .and_then(|s| s.taints)
+                .unwrap_or_default()
+                .is_empty(),
+        "a refused change landed"
+    );
+
+    // Evictions: a pod that is not a launcher, on any node, is refused.
+    let other = identity::daemonset_pod(&admin, NS, "node-2").await;
+    let dry = EvictParams {
+        delete_options: Some(DeleteParams {
+            dry_run: true,
+            ..Default::default()
+        }),
+        post_options: PostParams {
+            dry_run: true,
+            ..Default::default()
+        },
+    };
+    let err = Api::<Pod>::namespaced(agent.clone(), NS)
+        .evict(other.metadata.name.as_deref().unwrap(), &dry)
+        .await
+        .expect_err("evicting a pod that is not a launcher is refused");
+    assert_eq!(identity::api_code(&err), Some(403), "{err}");
+    assert!(
+        identity::api_message(&err).contains("evicts only virt-launcher pods"),
+        "{err}"
+    );
+    // The residual risk, measured: a launcher pod on node-2 can be evicted, and KubeVirt
+    // answers as it answers any drain: it marks the VMI for evacuation (a live migration).
+    let launchers = Api::<Pod>::namespaced(admin.clone(), "default")
+        .list(
+            &kube::api::ListParams::default()
+                .labels("kubevirt.io=virt-launcher")
+                .fields("spec.nodeName=node-2"),
+        )
+        .await
+        .unwrap()
+        .items;
+    let launcher = launchers.first().expect("a launcher pod on node-2");
+    let err = Api::<Pod>::namespaced(agent.clone(), "default")
+        .evict(
+            launcher.metadata.name.as_deref().unwrap(),
+            &EvictParams::default(),
+        )
+        .await
+        .expect_err("KubeVirt answers 429");
+    assert_eq!(identity::api_code(&err), Some(429), "{err}");
+    let vmi = Api::<VirtualMachineInstance>::namespaced(admin.clone(), "default")
+        .get("live-1")
+        .await
+        .unwrap();
+    assert_eq!(vmi.evacuation_node_name(), Some("node-2"));
+    // And nothing more there: no pod write, no VMI or migration write.
+    let err = Api::<Pod>::namespaced(agent.clone(), "default")
+        .patch(
+            launcher.metadata.name.as_deref().unwrap(),
+            &pp,
+            &merge(json!({"metadata": {"labels": {"evil": "x"}}})),
+        )
+        .await
+        .expect_err("patching a pod is refused");
+    assert_eq!(identity::api_code(&err), Some(403), "{err}");
+    let err = Api::<VirtualMachineInstance>::namespaced(agent.clone(), "default")
+        .delete("live-1", &DeleteParams::default())
+        .await
+        .expect_err("deleting a VMI is refused");
+    assert_eq!(identity::api_code(&err), Some(403), "{err}");
+    let err = Api::<VirtualMachineInstanceMigration>::namespaced(agent.clone(), "default")
+        .create(
+            &PostParams::default(),
+            &testbed::kubevirt::evacuation::new_migration(&vmi, "node-2", false),
+        )
+        .await
+        .expect_err("creating a migration is refused");
+    assert_eq!(identity::api_code(&err), Some(403), "{err}");
+
+    // A host-mode identity (docs/operator-guide.md) is held to its node the same way.
+    let host_kc = bed
+        .control_plane
+        .user_kubeconfig(
+            "shutdown-guard-host-node-1",
+            "shutdown-guard-host:node-1",
+            &[],
+        )
+        .expect("a host-mode kubeconfig");
+    let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "shutdown-guard-host-node-1"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "shutdown-guard"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                      "name": "shutdown-guard-host:node-1"}],
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(admin.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("the host identity's binding");
+    let host = shutdown_guard::kube::client(Some(&host_kc))
+        .await
+        .expect("host client");
+    let host_nodes: Api<Node> = Api::all(host.clone());
+    host_nodes
+        .patch(
+            NODE,
+            &pp,
+            &merge(
+                json!({"spec": {"unschedulable": true}, "metadata": {"annotations": {mark: "h"}}}),
+            ),
+        )
+        .await
+        .expect("the host identity cordons its node");
+    refused(
+        "a label by the host identity",
+        "not its labels",
+        host_nodes
+            .patch(
+                NODE,
+                &pp,
+                &merge(json!({"metadata": {"labels": {"evil": "x"}}})),
+            )
+            .await,
+    );
+    refused(
+        "node-2 by the host identity",
+        "may not change Node node-2",
+        host_nodes
+            .patch(
+                "node-2",
+                &pp,
+                &merge(json!({"spec": {"unschedulable": true}})),
+            )
+            .await,
+    );
+
+    bed.shutdown().await.expect("the bed stops");
+}
+
+/// The worker's uid (65534, no capabilities) on node-1's real system bus: logind's Inhibit and
+/// PowerOff and systemd's KillUnit and StartTransientUnit are all refused (no polkit on the
+/// node, and a non-root uid), while the holder (uid 0 without capabilities) takes the lock and
+/// lets it go. In the DaemonSet the worker's container has no bus socket at all; this is what
+/// the uid could do even if it reached one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_uid_is_refused_on_the_system_bus_and_the_holder_is_not() {
+    init_tracing();
+    let bed = Bed::start(BedOptions::default())
+        .await
+        .expect("the bed starts");
+    // Inside node-1 (all its namespaces: its own busctl and its /run/dbus, as a pod with the
+    // hostPath would reach it), as the worker's uid without any capability.
+    let pid = {
+        let logind = bed.logind.read().await;
+        logind.systemd_ref().expect("a systemd node").pid()
+    };
+    let as_worker = |call: &[&str]| {
+        let mut args: Vec<String> = vec![format!("--target={pid}"), "--all".into(), "--".into()];
+        args.extend(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+            ]
+            .iter()
+            .chain(DROP_ALL)
+            .map(|s| s.to_string()),
+        );
+        args.extend(["busctl", "--system", "--timeout=10"].map(String::from));
+        args.extend(call.iter().map(|s| s.to_string()));
+        args
+    };
+    let run = |args: Vec<String>| async move {
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new("nsenter")
+                .args(&args)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("busctl answers within 30 s")
+        .expect("nsenter runs");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    const LOGIN1: [&str; 4] = [
+        "org.freedesktop.login1",
+        "/org/freedesktop/login1",
+        "org.freedesktop.login1.Manager",
+        "",
+    ];
+    const SYSTEMD1: [&str; 4] = [
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+        "",
+    ];
+    // Reading is allowed: the uid reaches the bus, so the refusals below are decisions.
+    let (read, out) = run(as_worker(&[
+        "get-property",
+        LOGIN1[0],
+        LOGIN1[1],
+        LOGIN1[2],
+        "InhibitDelayMaxUSec",
+    ]))
+    .await;
+    assert!(read, "uid 65534 cannot read logind's properties: {out}");
+
+    let calls: [(&str, [&str; 4], Vec<&str>); 4] = [
+        (
+            "Inhibit",
+            LOGIN1,
+            vec!["ssss", "shutdown", "evil", "test", "delay"],
+        ),
+        ("PowerOff", LOGIN1, vec!["b", "false"]),
+        (
+            "KillUnit",
+            SYSTEMD1,
+            vec!["ssi", "systemd-logind.service", "all", "15"],
+        ),
+        (
+            "StartTransientUnit",
+            SYSTEMD1,
+            vec![
+                "ssa(sv)a(sa(sv))",
+                "evil.service",
+                "fail",
+                "1",
+                "ExecStart",
+                "a(sasb)",
+                "1",
+                "/bin/true",
+                "1",
+                "/bin/true",
+                "false",
+                "0",
+            ],
+        ),
+    ];
+    for (method, [dest, path, iface, _], sig) in calls {
+        let mut call = vec!["call", dest, path, iface, method];
+        call.extend(sig);
+        let (ok, out) = run(as_worker(&call)).await;
+        assert!(!ok, "uid 65534 may call {method}: {out}");
+        assert!(
+            out.contains("Access denied")
+                || out.contains("Interactive authentication required")
+                || out.contains("Permission denied"),
+            "{method} failed, but not as a refusal: {out}"
+        );
+        eprintln!("{method} as uid 65534: {}", out.trim());
+    }
+    // The same StartTransientUnit from uid 0 without capabilities (the holder's identity) is
+    // carried out: the call is well formed, and the holder is host root through systemd, the
+    // residual risk docs/security.md states.
+    let as_root: Vec<String> = as_worker(&[])
+        .into_iter()
+        .filter(|a| !a.starts_with("--reuid") && !a.starts_with("--regid") && a != "--clear-groups")
+        .collect();
+    let mut call = as_root;
+    call.extend(
+        [
+            "call",
+            SYSTEMD1[0],
+            SYSTEMD1[1],
+            SYSTEMD1[2],
+            "StartTransientUnit",
+            "ssa(sv)a(sa(sv))",
+            "shutdown-guard-probe.service",
+            "fail",
+            "1",
+            "ExecStart",
+            "a(sasb)",
+            "1",
+            "/bin/true",
+            "1",
+            "/bin/true",
+            "false",
+            "0",
+        ]
+        .map(String::from),
+    );
+    let (ok, out) = run(call).await;
+    assert!(
+        ok,
+        "uid 0 without capabilities could not start a unit: {out}"
+    );
+    assert!(out.contains("/org/freedesktop/systemd1/job/"), "{out}");
+    assert!(
+        guard_lock(&bed).await.is_none()
+            && bed
+                .list_inhibitors()
+                .await
+                .unwrap()
+                .iter()
+                .all(|i| i.who != "evil"),
+        "a refused Inhibit left a lock"
+    );
+    let _ = bed.observe_release("evil", Duration::from_secs(1)).await;
+
+    // The holder, as the DaemonSet runs it, takes the lock and lets it go with its process.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("holder.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut args: Vec<&str> = DROP_ALL.to_vec();
+    let kc = bed.kubeconfig_path().display().to_string();
+    args.extend([AGENT, "run", "--node", NODE, "--kubeconfig", &kc]);
+    let mut holder = bed
+        .pod_command("setpriv", &args)
+        .await
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the holder starts");
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut got = None;
+    while Instant::now() < end && got.is_none() {
+        got = guard_lock(&bed).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        got.map(|i| i.uid),
+        Some(0),
+        "the holder got no lock: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let _ = holder.kill().await;
+    let _ = holder.wait().await;
+    assert!(
+        bed.observe_release(WHO, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "the holder's lock outlived it"
+    );
+    bed.shutdown().await.expect("the bed stops");
+}
+
+/// Pod Security on the real API server: the DaemonSet's pod meets no level stricter than
+/// `privileged`, and only because of its one hostPath volume (the host's bus folder): under
+/// `baseline` that is the single violation, so `privileged`, enforced on the namespace, is the
+/// strictest level it can run under; there its pod is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_namespace_enforces_the_strictest_pod_security_level_the_daemonset_meets() {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use kube::api::PostParams;
+
+    init_tracing();
+    let cp = ControlPlane::start(ControlPlaneOptions::default())
+        .await
+        .expect("control plane starts");
+    apply_manifests(&cp).await;
+    let client = cp.client().await.expect("admin client");
+    let ns = Api::<Namespace>::all(client.clone())
+        .get(NS)
+        .await
+        .expect("the namespace");
+    let labels = ns.metadata.labels.unwrap_or_default();
+    assert_eq!(
+        labels
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str),
+        Some("privileged")
+    );
+    let template = Api::<DaemonSet>::namespaced(client.clone(), NS)
+        .get("shutdown-guard")
+        .await
+        .expect("the DaemonSet")
+        .spec
+        .expect("spec")
+        .template;
+    let pod_in = |ns: &str| Pod {
+        metadata: kube::api::ObjectMeta {
+            name: Some("pss-probe".into()),
+            namespace: Some(ns.into()),
+            labels: template.metadata.as_ref().and_then(|m| m.labels.clone()),
+            ..Default::default()
+        },
+        spec: template.spec.clone(),
+        ..Default::default()
+    };
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    Api::<Pod>::namespaced(client.clone(), NS)
+        .create(&dry, &pod_in(NS))
+        .await
+        .expect("the DaemonSet's pod is admitted in its namespace");
+
+    for (level, want) in [
+        ("baseline", vec!["hostPath volumes"]),
+        ("restricted", vec!["hostPath", "runAsNonRoot != true"]),
+    ] {
+        let name = format!("pss-{level}");
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": level}},
+        }))
+        .unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("a namespace");
+        let sa: k8s_openapi::api::core::v1::ServiceAccount =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": SA}})).unwrap();
+        Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &name)
+            .create(&PostParams::default(), &sa)
+            .await
+            .expect("a ServiceAccount");
+        let err = Api::<Pod>::namespaced(client.clone(), &name)
+            .create(&dry, &pod_in(&name))
+            .await
+            .expect_err("refused");
+        let msg = match &err {
+            kube::Error::Api(s) => s.message.clone(),
+            other => other.to_string(),
+        };
+        assert!(msg.contains("violates PodSecurity"), "{level}: {msg}");
+        for w in &want {
+            assert!(msg.contains(w), "{level}: {msg}");
+        }
+        if level == "baseline" {
+            // Nothing but the bus folder stands between the pod and baseline.
+            let violations = msg
+                .split_once("latest\": ")
+                .map_or(msg.as_str(), |(_, v)| v);
+            assert!(
+                violations.starts_with("hostPath volumes") && !violations.contains("), "),
+                "baseline refuses more than hostPath: {msg}"
+            );
+        }
+        eprintln!("{level}: {msg}");
+    }
+    cp.shutdown().await.expect("control plane stops");
+}

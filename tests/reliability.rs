@@ -309,6 +309,95 @@ async fn a_worker_oom_killed_in_its_own_container_is_replaced_and_the_lock_stays
     bed.shutdown().await.expect("teardown");
 }
 
+/// The holder has the host's bus; the worker is the part that faces the network. A worker that
+/// sends the holder an endless line (broken, or taken over) must not grow the holder until the
+/// kernel kills it and its lock: the holder cuts that link after 1 KiB, keeps its lock, and
+/// takes the next worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_flooding_its_link_is_cut_off_and_the_lock_stays() {
+    use tokio::io::AsyncWriteExt;
+
+    let bed = start_bed(BedOptions::default()).await;
+    let dir = tempfile::tempdir_in(bed.control_plane.dir()).unwrap();
+    let socket = dir.path().join("link.sock");
+    let socket_arg = socket.display().to_string();
+    let state = dir.path().display().to_string();
+    let holder_log = dir.path().join("holder.log");
+    let holder = bed
+        .node(NODE)
+        .unwrap()
+        .spawn_pod(
+            PodSpec::new(
+                AGENT,
+                &[
+                    "run",
+                    "--node",
+                    NODE,
+                    "--log-format",
+                    "json",
+                    "--link-socket",
+                    &socket_arg,
+                    "--state-dir",
+                    &state,
+                ],
+            )
+            .name("shutdown-guard-holder")
+            .output(PodOutput::File(holder_log.clone())),
+        )
+        .await
+        .expect("the holder starts");
+    wait_for_lock_logged(&bed, &holder_log, Duration::from_secs(30)).await;
+    let log = || std::fs::read_to_string(&holder_log).unwrap_or_default();
+
+    // 8 MiB without a newline; the holder may hang up long before the end.
+    let mut flood = tokio::net::UnixStream::connect(&socket)
+        .await
+        .expect("the worker's socket");
+    let chunk = vec![b'x'; 64 << 10];
+    let mut sent = 0usize;
+    for _ in 0..128 {
+        match tokio::time::timeout(Duration::from_secs(5), flood.write_all(&chunk)).await {
+            Ok(Ok(())) => sent += chunk.len(),
+            _ => break,
+        }
+    }
+    let cut = wait::until(Duration::from_secs(15), Duration::from_millis(100), || {
+        std::future::ready(log().contains("the worker's link broke").then_some(()))
+    })
+    .await;
+    assert!(
+        cut.is_some(),
+        "the holder never cut the flooding link ({sent} bytes sent); holder log:\n{}",
+        log()
+    );
+    assert!(
+        guard_lock(&bed).await.is_some(),
+        "the holder lost its lock; log:\n{}",
+        log()
+    );
+    drop(flood);
+
+    // The next worker is taken as usual.
+    let mut next = tokio::net::UnixStream::connect(&socket)
+        .await
+        .expect("the socket still accepts");
+    next.write_all(b"alive\n").await.expect("a line");
+    let connected = wait::until(Duration::from_secs(10), Duration::from_millis(100), || {
+        std::future::ready((log().matches("drain worker connected").count() >= 2).then_some(()))
+    })
+    .await;
+    assert!(
+        connected.is_some(),
+        "no second worker taken; log:\n{}",
+        log()
+    );
+    assert!(guard_lock(&bed).await.is_some(), "the lock went");
+    eprintln!("cut off after {sent} bytes written into the link");
+    drop(next);
+    drop(holder);
+    bed.shutdown().await.expect("teardown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_started_while_a_shutdown_is_delayed_drains_without_a_lock() {
     let bed = start_bed(BedOptions {

@@ -18,12 +18,14 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, LinesCodec};
 use tracing::{debug, error, info, warn};
 
 use crate::config::Settings;
@@ -42,10 +44,15 @@ pub enum HolderError {
     Listen(#[from] ListenError),
 }
 
+/// The longest line the worker may send. Its messages are single words; a longer line is a
+/// broken or hostile worker, and buffering it would let the worker grow the holder, which has
+/// the host's bus, until the kernel kills it with its lock.
+const MAX_WORKER_LINE: usize = 1024;
+
 /// The worker and our end of its link; the process when we started it.
 struct Worker {
     child: Option<Child>,
-    lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    lines: FramedRead<OwnedReadHalf, LinesCodec>,
     tx: OwnedWriteHalf,
 }
 
@@ -54,7 +61,7 @@ impl Worker {
         let (rx, tx) = stream.into_split();
         Worker {
             child,
-            lines: BufReader::new(rx).lines(),
+            lines: FramedRead::new(rx, LinesCodec::new_with_max_length(MAX_WORKER_LINE)),
             tx,
         }
     }
@@ -152,10 +159,10 @@ pub async fn run(settings: Settings, worker_args: Vec<OsString>) -> Result<(), H
                     lines,
                     ..
                 }) => tokio::select! {
-                    line = lines.next_line() => Some(line),
+                    line = lines.next() => Some(line.transpose()),
                     _ = child.wait() => None,
                 },
-                Some(w) => Some(w.lines.next_line().await),
+                Some(w) => Some(w.lines.next().await.transpose()),
                 None => std::future::pending().await,
             }
         };
@@ -188,11 +195,19 @@ pub async fn run(settings: Settings, worker_args: Vec<OsString>) -> Result<(), H
                     Ok(ToHolder::Retake) => inputs.push(KeeperInput::WorkerRetake),
                     Err(e) => warn!(node = %node, error = %e, "ignoring the worker's line"),
                 },
-                // The link closed or the process ended: either way the worker is gone.
-                _ => {
+                // The link closed, broke the protocol (a line over MAX_WORKER_LINE) or the
+                // process ended: either way this worker is done. A worker we started is ended
+                // first, so waiting for it cannot hang the holder.
+                other => {
+                    if let Some(Err(e)) = &other {
+                        warn!(node = %node, error = %e, "the worker's link broke");
+                    }
                     if let Some(w) = worker.take() {
                         let status = match w.child {
-                            Some(mut c) => c.wait().await.ok().map(|s| s.to_string()),
+                            Some(mut c) => {
+                                let _ = c.start_kill();
+                                c.wait().await.ok().map(|s| s.to_string())
+                            }
                             None => None,
                         };
                         warn!(node = %node, status = status.as_deref().unwrap_or("disconnected"), "drain worker gone");

@@ -12,6 +12,9 @@
 //!   `evacuationNodeName` cleared, with the domain detected) and sets `completed` in a later one
 //!   (`finalizeMigration`).
 //!
+//! None of them touches `status.activePods`: the VMI controller keeps that from the pods
+//! (`setActivePods`, see [`super::lifecycle`]).
+//!
 //! Both end with the target's clean-up removing `kubevirt.io/migrationTargetNodeName`
 //! (`finalCleanup`). The bed waits a configurable gap after the first write.
 
@@ -58,8 +61,6 @@ pub fn sequence(version: KubeVirtVersion) -> &'static [Write] {
 /// What the hand-over writes need to know.
 pub struct Moved<'a> {
     pub target_node: &'a str,
-    pub source_pod_uid: &'a str,
-    pub target_pod_uid: &'a str,
     /// The VMI's `migrationState` for this migration so far.
     pub state: &'a Value,
 }
@@ -72,7 +73,6 @@ pub fn patch(write: Write, moved: &Moved<'_>, now: DateTime<Utc>) -> Value {
             "status": {
                 "nodeName": moved.target_node,
                 "evacuationNodeName": null,
-                "activePods": {moved.source_pod_uid: null, moved.target_pod_uid: moved.target_node},
                 "migrationTransport": "Unix",
                 "launcherContainerImageVersion": null,
             },
@@ -128,8 +128,6 @@ mod tests {
     fn moved(state: &Value) -> Moved<'_> {
         Moved {
             target_node: "node-2",
-            source_pod_uid: "s",
-            target_pod_uid: "t",
             state,
         }
     }

@@ -497,8 +497,7 @@ impl Migration {
         if let Some(outcome) = self.copy(&source).await {
             return outcome;
         }
-        self.hand_over(&target_node, &source_pod_uid, &target_pod_uid)
-            .await;
+        self.hand_over(&target_node, &source_pod_uid).await;
         Outcome::Done
     }
 
@@ -694,13 +693,11 @@ impl Migration {
 
     /// The hand-over writes of this release; the migration is reported Succeeded once
     /// `completed` is seen, and the source launcher exits a while after the hand-over.
-    async fn hand_over(&mut self, target_node: &str, source_pod_uid: &str, target_pod_uid: &str) {
+    async fn hand_over(&mut self, target_node: &str, source_pod_uid: &str) {
         let version = self.ctx.opts.version;
         let state = self.state.clone();
         let moved = Moved {
             target_node,
-            source_pod_uid,
-            target_pod_uid,
             state: &state,
         };
         for (i, write) in handover::sequence(version).iter().enumerate() {
