@@ -684,12 +684,11 @@ async fn the_agent_identity_changes_only_what_a_shutdown_needs() {
     );
     let node1 = Api::<Node>::all(admin.clone()).get(NODE).await.unwrap();
     assert!(
-        node1
+        !node1
             .metadata
             .labels
             .unwrap_or_default()
-            .get("evil")
-            .is_none()
+            .contains_key("evil")
             && node1
                 .spec
                 .and_then(|s| s.taints)
