@@ -261,6 +261,14 @@ fn each_value_changes_only_what_it_names_and_bad_values_are_refused() {
             &["DaemonSet#0:/spec/template/spec/initContainers/0/resources/**"],
         ),
         (
+            &["--set", "holderRunAsUser=64010"],
+            &[
+                "DaemonSet#0:/spec/template/spec/initContainers/0/securityContext/runAsUser",
+                "DaemonSet#0:/spec/template/spec/initContainers/0/securityContext/runAsGroup",
+                "DaemonSet#0:/spec/template/spec/initContainers/0/securityContext/runAsNonRoot",
+            ],
+        ),
+        (
             &[
                 "--set",
                 "tolerations[0].key=maintenance,tolerations[0].operator=Exists",
@@ -306,7 +314,8 @@ fn each_value_changes_only_what_it_names_and_bad_values_are_refused() {
     let vap = data_of(&moved, "ValidatingAdmissionPolicy");
     assert_eq!(
         vap["spec"]["matchConditions"][0]["expression"],
-        "request.userInfo.username == 'system:serviceaccount:guard-system:node-guard'"
+        "request.userInfo.username == 'system:serviceaccount:guard-system:node-guard' || \
+         request.userInfo.username.startsWith('shutdown-guard-host:')"
     );
     let set = t(&[
         "--set",

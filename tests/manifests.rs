@@ -828,6 +828,91 @@ async fn the_agent_identity_changes_only_what_a_shutdown_needs() {
     bed.shutdown().await.expect("the bed stops");
 }
 
+/// Runs `args` inside node `pid` (all its namespaces: its own tools and its /run/dbus, as a pod
+/// with the hostPath reaches them) as `uid` (its own group, no other groups) or uid 0, without
+/// any capability; returns (success, stdout + stderr).
+async fn in_node_as(pid: u32, uid: Option<u32>, args: &[&str]) -> (bool, String) {
+    let mut all: Vec<String> = vec![format!("--target={pid}"), "--all".into(), "--".into()];
+    all.push("setpriv".into());
+    if let Some(uid) = uid {
+        all.extend([
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".into(),
+        ]);
+    }
+    all.extend(DROP_ALL.iter().map(|s| s.to_string()));
+    all.extend(args.iter().map(|s| s.to_string()));
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new("nsenter")
+            .args(&all)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("an answer within 30 s")
+    .expect("nsenter runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+const LOGIN1: [&str; 3] = [
+    "org.freedesktop.login1",
+    "/org/freedesktop/login1",
+    "org.freedesktop.login1.Manager",
+];
+const SYSTEMD1: [&str; 3] = [
+    "org.freedesktop.systemd1",
+    "/org/freedesktop/systemd1",
+    "org.freedesktop.systemd1.Manager",
+];
+
+/// `busctl call` arguments for `method` of `to` with `sig` and its arguments.
+fn bus_call<'a>(to: [&'a str; 3], method: &'a str, sig: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "busctl",
+        "--system",
+        "--timeout=10",
+        "call",
+        to[0],
+        to[1],
+        to[2],
+        method,
+    ];
+    v.extend(sig);
+    v
+}
+
+/// A transient service running /bin/true: what systemd would run as root for the caller.
+const TRANSIENT_TRUE: [&str; 12] = [
+    "ssa(sv)a(sa(sv))",
+    "shutdown-guard-probe.service",
+    "fail",
+    "1",
+    "ExecStart",
+    "a(sasb)",
+    "1",
+    "/bin/true",
+    "1",
+    "/bin/true",
+    "false",
+    "0",
+];
+
+fn refused(out: &str) -> bool {
+    out.contains("Access denied")
+        || out.contains("Interactive authentication required")
+        || out.contains("Permission denied")
+}
+
 /// The worker's uid (65534, no capabilities) on node-1's real system bus: logind's Inhibit and
 /// PowerOff and systemd's KillUnit and StartTransientUnit are all refused (no polkit on the
 /// node, and a non-root uid), while the holder (uid 0 without capabilities) takes the lock and
@@ -839,113 +924,46 @@ async fn the_worker_uid_is_refused_on_the_system_bus_and_the_holder_is_not() {
     let bed = Bed::start(BedOptions::default())
         .await
         .expect("the bed starts");
-    // Inside node-1 (all its namespaces: its own busctl and its /run/dbus, as a pod with the
-    // hostPath would reach it), as the worker's uid without any capability.
     let pid = {
         let logind = bed.logind.read().await;
         logind.systemd_ref().expect("a systemd node").pid()
     };
-    let as_worker = |call: &[&str]| {
-        let mut args: Vec<String> = vec![format!("--target={pid}"), "--all".into(), "--".into()];
-        args.extend(
-            [
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-            ]
-            .iter()
-            .chain(DROP_ALL)
-            .map(|s| s.to_string()),
-        );
-        args.extend(["busctl", "--system", "--timeout=10"].map(String::from));
-        args.extend(call.iter().map(|s| s.to_string()));
-        args
-    };
-    let run = |args: Vec<String>| async move {
-        let out = tokio::time::timeout(
-            Duration::from_secs(30),
-            tokio::process::Command::new("nsenter")
-                .args(&args)
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .expect("busctl answers within 30 s")
-        .expect("nsenter runs");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    };
-    const LOGIN1: [&str; 4] = [
-        "org.freedesktop.login1",
-        "/org/freedesktop/login1",
-        "org.freedesktop.login1.Manager",
-        "",
-    ];
-    const SYSTEMD1: [&str; 4] = [
-        "org.freedesktop.systemd1",
-        "/org/freedesktop/systemd1",
-        "org.freedesktop.systemd1.Manager",
-        "",
-    ];
+    const WORKER: Option<u32> = Some(65534);
     // Reading is allowed: the uid reaches the bus, so the refusals below are decisions.
-    let (read, out) = run(as_worker(&[
-        "get-property",
-        LOGIN1[0],
-        LOGIN1[1],
-        LOGIN1[2],
-        "InhibitDelayMaxUSec",
-    ]))
+    let (read, out) = in_node_as(
+        pid,
+        WORKER,
+        &[
+            "busctl",
+            "--system",
+            "get-property",
+            LOGIN1[0],
+            LOGIN1[1],
+            LOGIN1[2],
+            "InhibitDelayMaxUSec",
+        ],
+    )
     .await;
     assert!(read, "uid 65534 cannot read logind's properties: {out}");
-
-    let calls: [(&str, [&str; 4], Vec<&str>); 4] = [
+    let calls: [(&str, [&str; 3], &[&str]); 4] = [
         (
             "Inhibit",
             LOGIN1,
-            vec!["ssss", "shutdown", "evil", "test", "delay"],
+            &["ssss", "shutdown", "evil", "test", "delay"],
         ),
-        ("PowerOff", LOGIN1, vec!["b", "false"]),
+        ("PowerOff", LOGIN1, &["b", "false"]),
         (
             "KillUnit",
             SYSTEMD1,
-            vec!["ssi", "systemd-logind.service", "all", "15"],
+            &["ssi", "systemd-logind.service", "all", "15"],
         ),
-        (
-            "StartTransientUnit",
-            SYSTEMD1,
-            vec![
-                "ssa(sv)a(sa(sv))",
-                "evil.service",
-                "fail",
-                "1",
-                "ExecStart",
-                "a(sasb)",
-                "1",
-                "/bin/true",
-                "1",
-                "/bin/true",
-                "false",
-                "0",
-            ],
-        ),
+        ("StartTransientUnit", SYSTEMD1, &TRANSIENT_TRUE),
     ];
-    for (method, [dest, path, iface, _], sig) in calls {
-        let mut call = vec!["call", dest, path, iface, method];
-        call.extend(sig);
-        let (ok, out) = run(as_worker(&call)).await;
+    for (method, to, sig) in calls {
+        let (ok, out) = in_node_as(pid, WORKER, &bus_call(to, method, sig)).await;
         assert!(!ok, "uid 65534 may call {method}: {out}");
         assert!(
-            out.contains("Access denied")
-                || out.contains("Interactive authentication required")
-                || out.contains("Permission denied"),
+            refused(&out),
             "{method} failed, but not as a refusal: {out}"
         );
         eprintln!("{method} as uid 65534: {}", out.trim());
@@ -953,34 +971,12 @@ async fn the_worker_uid_is_refused_on_the_system_bus_and_the_holder_is_not() {
     // The same StartTransientUnit from uid 0 without capabilities (the holder's identity) is
     // carried out: the call is well formed, and the holder is host root through systemd, the
     // residual risk docs/security.md states.
-    let as_root: Vec<String> = as_worker(&[])
-        .into_iter()
-        .filter(|a| !a.starts_with("--reuid") && !a.starts_with("--regid") && a != "--clear-groups")
-        .collect();
-    let mut call = as_root;
-    call.extend(
-        [
-            "call",
-            SYSTEMD1[0],
-            SYSTEMD1[1],
-            SYSTEMD1[2],
-            "StartTransientUnit",
-            "ssa(sv)a(sa(sv))",
-            "shutdown-guard-probe.service",
-            "fail",
-            "1",
-            "ExecStart",
-            "a(sasb)",
-            "1",
-            "/bin/true",
-            "1",
-            "/bin/true",
-            "false",
-            "0",
-        ]
-        .map(String::from),
-    );
-    let (ok, out) = run(call).await;
+    let (ok, out) = in_node_as(
+        pid,
+        None,
+        &bus_call(SYSTEMD1, "StartTransientUnit", &TRANSIENT_TRUE),
+    )
+    .await;
     assert!(
         ok,
         "uid 0 without capabilities could not start a unit: {out}"
@@ -1133,4 +1129,180 @@ async fn the_namespace_enforces_the_strictest_pod_security_level_the_daemonset_m
         eprintln!("{level}: {msg}");
     }
     cp.shutdown().await.expect("control plane stops");
+}
+
+/// The non-root holder on a node with polkitd (Debian trixie's polkitd) and the shipped rule
+/// (`systemd/polkit/50-shutdown-guard.rules`): the holder, as the node's system user
+/// `shutdown-guard` without capabilities, takes and releases the delay lock; the same uid may do
+/// nothing else on the bus, not even what polkit's defaults let any uid do (an idle lock). One
+/// thing follows from the lock itself: logind's policy says a delay lock on shutdown implies one
+/// on sleep (`imply`), which polkit grants whatever a rule says; it delays a suspend, no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_root_holder_gets_the_lock_where_polkit_runs_and_nothing_else() {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    use testbed::bed::LogindKind;
+
+    init_tracing();
+    let bed = Bed::start(BedOptions {
+        logind: LogindKind::SystemdPolkit,
+        ..BedOptions::default()
+    })
+    .await
+    .expect("the bed starts");
+    let pid = {
+        let logind = bed.logind.read().await;
+        logind.systemd_ref().expect("a systemd node").pid()
+    };
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    const UID: u32 = 64010;
+    let holder_uid = Some(UID);
+    // The system user the rule names, as `useradd --system` would add it.
+    for (file, line) in [
+        (
+            "etc/passwd",
+            format!("shutdown-guard:x:{UID}:{UID}:shutdown-guard:/nonexistent:/usr/sbin/nologin\n"),
+        ),
+        ("etc/group", format!("shutdown-guard:x:{UID}:\n")),
+    ] {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(root.join(file))
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+    let idle_block = bus_call(
+        LOGIN1,
+        "Inhibit",
+        &["ssss", "idle", "probe", "test", "block"],
+    );
+
+    // polkit's defaults alone: logind's policy lets any uid block idleness.
+    let (ok, out) = in_node_as(pid, holder_uid, &idle_block).await;
+    assert!(
+        ok,
+        "without the rule, polkit's default should allow an idle lock: {out}"
+    );
+
+    // The rule: polkitd reloads its rules when the folder changes.
+    let rules = root.join("etc/polkit-1/rules.d/50-shutdown-guard.rules");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/polkit/50-shutdown-guard.rules"),
+        &rules,
+    )
+    .expect("installing the rule");
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, out) = in_node_as(pid, holder_uid, &idle_block).await;
+        if !ok && refused(&out) {
+            break;
+        }
+        if Instant::now() >= end {
+            let (_, journal) = in_node_as(
+                pid,
+                None,
+                &["journalctl", "--no-pager", "-u", "polkit", "-n", "40"],
+            )
+            .await;
+            panic!("the rule never took effect: {out}; polkitd's journal:\n{journal}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // The holder as that user: the agent's binary on the node, the worker's socket in /tmp.
+    let bin = root.join("usr/local/bin/shutdown-guard");
+    std::fs::copy(AGENT, &bin).expect("the binary on the node");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("holder.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut args: Vec<String> = vec![format!("--target={pid}"), "--all".into(), "--".into()];
+    args.extend(
+        // nsenter forks into the node's PID namespace; the parent death signal (set after the
+        // uid change, which clears an earlier one) ends the holder with the test's nsenter.
+        [
+            "setpriv",
+            "--pdeathsig=KILL",
+            &format!("--reuid={UID}"),
+            &format!("--regid={UID}"),
+            "--clear-groups",
+        ]
+        .iter()
+        .chain(DROP_ALL)
+        .map(|s| s.to_string()),
+    );
+    args.extend(
+        [
+            "/usr/local/bin/shutdown-guard",
+            "run",
+            "--node",
+            NODE,
+            "--log-format",
+            "json",
+            "--link-socket",
+            "/tmp/shutdown-guard-link.sock",
+            "--state-dir",
+            "/tmp",
+        ]
+        .map(String::from),
+    );
+    let mut holder = tokio::process::Command::new("nsenter")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the holder starts");
+    let end = Instant::now() + Duration::from_secs(15);
+    let mut got = None;
+    while Instant::now() < end && got.is_none() {
+        got = guard_lock(&bed).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        got.as_ref().map(|i| (i.uid, i.mode.as_str())),
+        Some((UID, "delay")),
+        "the non-root holder got no delay lock: {}",
+        log_text()
+    );
+
+    // Everything else, refused for that uid.
+    let calls: [(&str, [&str; 3], &[&str]); 5] = [
+        (
+            "Inhibit (idle, block)",
+            LOGIN1,
+            &["ssss", "idle", "evil", "test", "block"],
+        ),
+        (
+            "Inhibit (shutdown, block)",
+            LOGIN1,
+            &["ssss", "shutdown", "evil", "test", "block"],
+        ),
+        ("PowerOff", LOGIN1, &["b", "false"]),
+        (
+            "KillUnit",
+            SYSTEMD1,
+            &["ssi", "systemd-logind.service", "all", "15"],
+        ),
+        ("StartTransientUnit", SYSTEMD1, &TRANSIENT_TRUE),
+    ];
+    for (what, to, sig) in calls {
+        let method = what.split(' ').next().unwrap();
+        let (ok, out) = in_node_as(pid, holder_uid, &bus_call(to, method, sig)).await;
+        assert!(!ok && refused(&out), "uid {UID}: {what}: {out}");
+        eprintln!("{what} as the non-root holder's uid: {}", out.trim());
+    }
+
+    let _ = holder.kill().await;
+    let _ = holder.wait().await;
+    assert!(
+        bed.observe_release(WHO, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "the non-root holder's lock outlived it: {}",
+        log_text()
+    );
+    bed.shutdown().await.expect("the bed stops");
 }

@@ -2,7 +2,8 @@
 # Build (once) a Debian root filesystem that boots systemd as PID 1 of a container
 # (see src/logind/systemd.rs), cached under ${TESTBED_CACHE:-<workspace>/target/testbed}/rootfs/<suite>.
 #
-# Usage: build-rootfs.sh [trixie|bookworm]    (default trixie; run as root)
+# Usage: build-rootfs.sh [trixie|bookworm|trixie-polkit]    (default trixie; run as root)
+# trixie-polkit: trixie with polkitd, for the non-root lock holder.
 #
 # debootstrap is unpacked from its .deb, never installed, and nothing here touches the
 # machine's own systemd or dbus. Idempotent: a finished build leaves a stamp file whose
@@ -11,8 +12,9 @@ set -euo pipefail
 
 suite=${1:-trixie}
 case "$suite" in
-  trixie|bookworm) ;;
-  *) echo "build-rootfs.sh: unknown suite '$suite' (trixie|bookworm)" >&2; exit 2 ;;
+  trixie|bookworm) release=$suite; extra= ;;
+  trixie-polkit) release=trixie; extra=,libpam-systemd,polkitd ;;
+  *) echo "build-rootfs.sh: unknown suite '$suite' (trixie|bookworm|trixie-polkit)" >&2; exit 2 ;;
 esac
 [ "$(id -u)" = 0 ] || { echo "build-rootfs.sh: must run as root" >&2; exit 1; }
 
@@ -22,9 +24,9 @@ dest=$cache/rootfs/$suite
 stamp=$cache/rootfs/$suite.stamp
 mirror=${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\(http[^ ]*debian\/*\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)}
 mirror=${mirror:-http://deb.debian.org/debian}
-packages=systemd,systemd-sysv,dbus,dbus-bin
+packages=systemd,systemd-sysv,dbus,dbus-bin$extra
 # Bump when the configuration below changes, so cached trees get rebuilt.
-recipe="v1 $suite minbase $packages"
+recipe="v1 $release minbase $packages"
 
 mkdir -p "$cache/rootfs" "$cache/tools"
 # Tests may ask for the same tree at once: one builds, the others wait and reuse it.
@@ -50,12 +52,12 @@ if [ ! -x "$dbs/usr/sbin/debootstrap" ]; then
 fi
 export DEBOOTSTRAP_DIR=$dbs/usr/share/debootstrap
 # bookworm's debootstrap may not know trixie yet: trixie bootstraps like sid.
-[ -e "$DEBOOTSTRAP_DIR/scripts/$suite" ] || ln -s sid "$DEBOOTSTRAP_DIR/scripts/$suite"
+[ -e "$DEBOOTSTRAP_DIR/scripts/$release" ] || ln -s sid "$DEBOOTSTRAP_DIR/scripts/$release"
 
 rm -rf "$dest" "$stamp"
 start=$(date +%s)
 "$dbs/usr/sbin/debootstrap" --variant=minbase --include="$packages" \
-  "$suite" "$dest" "$mirror" > "$cache/rootfs/$suite.log" 2>&1 || {
+  "$release" "$dest" "$mirror" > "$cache/rootfs/$suite.log" 2>&1 || {
   echo "build-rootfs.sh: debootstrap failed, see $cache/rootfs/$suite.log" >&2
   tail -n 20 "$cache/rootfs/$suite.log" >&2
   exit 1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs and builds everything the bed needs, idempotently: Debian tools, the control-plane
 # binaries and helm and promtool (Go, pinned), the Debian root filesystems for the logind
-# containers, and elogind.
+# containers (trixie, bookworm, trixie with polkitd), and elogind.
 # A second run is a no-op apart from a few stamp checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -14,5 +14,9 @@ start=$(date +%s)
 "$here/build-rootfs.sh" trixie
 if [ "${TESTBED_SKIP_BOOKWORM:-0}" != 1 ]; then
   "$here/build-rootfs.sh" bookworm
+fi
+# A node with polkitd, for the non-root lock holder.
+if [ "${TESTBED_SKIP_POLKIT:-0}" != 1 ]; then
+  "$here/build-rootfs.sh" trixie-polkit
 fi
 echo "setup: done in $(( $(date +%s) - start )) s"

@@ -95,6 +95,8 @@ pub enum LogindKind {
     Systemd,
     /// systemd 252 (Debian bookworm).
     SystemdBookworm,
+    /// systemd 257 (Debian trixie) with polkitd on the node.
+    SystemdPolkit,
     /// elogind 246 on a private bus.
     Elogind,
 }
@@ -105,9 +107,10 @@ impl std::str::FromStr for LogindKind {
         match s {
             "systemd" | "systemd-trixie" => Ok(Self::Systemd),
             "systemd-bookworm" => Ok(Self::SystemdBookworm),
+            "systemd-polkit" => Ok(Self::SystemdPolkit),
             "elogind" => Ok(Self::Elogind),
             other => Err(format!(
-                "unknown logind {other:?}: use systemd, systemd-bookworm or elogind"
+                "unknown logind {other:?}: use systemd, systemd-bookworm, systemd-polkit or elogind"
             )),
         }
     }
@@ -194,11 +197,11 @@ async fn start_logind(
     delay: Option<u64>,
 ) -> Result<NodeLogind, BedError> {
     let node = match kind {
-        LogindKind::Systemd | LogindKind::SystemdBookworm => {
-            let suite = if kind == LogindKind::Systemd {
-                Suite::Trixie
-            } else {
-                Suite::Bookworm
+        LogindKind::Systemd | LogindKind::SystemdBookworm | LogindKind::SystemdPolkit => {
+            let suite = match kind {
+                LogindKind::SystemdBookworm => Suite::Bookworm,
+                LogindKind::SystemdPolkit => Suite::TrixiePolkit,
+                _ => Suite::Trixie,
             };
             NodeLogind::Systemd(SystemdNode::boot(SystemdOptions::new(name, suite)).await?)
         }

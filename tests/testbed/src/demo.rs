@@ -51,6 +51,7 @@ fn assets_present(logind: LogindKind) -> bool {
     let rootfs_ok = match logind {
         LogindKind::Systemd => cache.join("rootfs/trixie.stamp").exists(),
         LogindKind::SystemdBookworm => cache.join("rootfs/bookworm.stamp").exists(),
+        LogindKind::SystemdPolkit => cache.join("rootfs/trixie-polkit.stamp").exists(),
         LogindKind::Elogind => cache.join("elogind.stamp").exists(),
     };
     crate::paths::bin_dir().join("kube-apiserver").is_file() && rootfs_ok
@@ -69,6 +70,14 @@ async fn ensure_built(logind: LogindKind) -> Result<PathBuf> {
             .env(
                 "TESTBED_SKIP_BOOKWORM",
                 if logind == LogindKind::SystemdBookworm {
+                    "0"
+                } else {
+                    "1"
+                },
+            )
+            .env(
+                "TESTBED_SKIP_POLKIT",
+                if logind == LogindKind::SystemdPolkit {
                     "0"
                 } else {
                     "1"

@@ -87,6 +87,7 @@ impl NodeLogind {
             NodeLogind::Systemd(n) => match n.suite() {
                 super::Suite::Trixie => "systemd 257 (trixie)".into(),
                 super::Suite::Bookworm => "systemd 252 (bookworm)".into(),
+                super::Suite::TrixiePolkit => "systemd 257 (trixie) with polkitd".into(),
             },
             NodeLogind::Elogind(_) => "elogind 246".into(),
         }

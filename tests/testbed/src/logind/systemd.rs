@@ -39,6 +39,8 @@ pub enum Suite {
     Trixie,
     /// Debian 12, systemd 252: `PrepareForShutdown` only.
     Bookworm,
+    /// Debian 13 with polkitd: logind asks polkit about non-root callers.
+    TrixiePolkit,
 }
 
 impl Suite {
@@ -46,6 +48,7 @@ impl Suite {
         match self {
             Suite::Trixie => "trixie",
             Suite::Bookworm => "bookworm",
+            Suite::TrixiePolkit => "trixie-polkit",
         }
     }
 
@@ -67,7 +70,10 @@ impl std::str::FromStr for Suite {
         match s {
             "trixie" => Ok(Suite::Trixie),
             "bookworm" => Ok(Suite::Bookworm),
-            other => Err(format!("unknown suite {other:?} (trixie|bookworm)")),
+            "trixie-polkit" => Ok(Suite::TrixiePolkit),
+            other => Err(format!(
+                "unknown suite {other:?} (trixie|bookworm|trixie-polkit)"
+            )),
         }
     }
 }
