@@ -13,7 +13,7 @@
 mod common;
 
 use common::identity::{self, DROP_ALL};
-use common::{AGENT, WHO, guard_lock, init_tracing};
+use common::{AGENT, WHO, guard_lock, init_tracing, poll_guard_lock};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -400,12 +400,7 @@ async fn only_uid_0_without_capabilities_gets_the_lock_on_a_node_without_polkit(
             .spawn()
             .expect("the agent starts");
         // Bounded: the lock shows within a second when it can be had at all.
-        let end = Instant::now() + Duration::from_secs(5);
-        let mut got = None;
-        while Instant::now() < end && got.is_none() {
-            got = guard_lock(&bed).await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let got = poll_guard_lock(&bed, Duration::from_secs(5)).await;
         let _ = child.kill().await;
         let _ = child.wait().await;
         // The next run must not see this one's lock.
@@ -1009,12 +1004,7 @@ async fn the_worker_uid_is_refused_on_the_system_bus_and_the_holder_is_not() {
         .kill_on_drop(true)
         .spawn()
         .expect("the holder starts");
-    let end = Instant::now() + Duration::from_secs(10);
-    let mut got = None;
-    while Instant::now() < end && got.is_none() {
-        got = guard_lock(&bed).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let got = poll_guard_lock(&bed, Duration::from_secs(10)).await;
     assert_eq!(
         got.map(|i| i.uid),
         Some(0),
@@ -1254,12 +1244,7 @@ async fn a_non_root_holder_gets_the_lock_where_polkit_runs_and_nothing_else() {
         .kill_on_drop(true)
         .spawn()
         .expect("the holder starts");
-    let end = Instant::now() + Duration::from_secs(15);
-    let mut got = None;
-    while Instant::now() < end && got.is_none() {
-        got = guard_lock(&bed).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let got = poll_guard_lock(&bed, Duration::from_secs(15)).await;
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(
         got.as_ref().map(|i| (i.uid, i.mode.as_str())),

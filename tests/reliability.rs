@@ -204,19 +204,18 @@ async fn a_worker_that_panics_mid_drain_is_replaced_and_the_drain_finishes() {
     bed.shutdown().await.expect("teardown");
 }
 
-/// The DaemonSet's shape: the holder and the worker in containers of their own, the worker's
-/// with the DaemonSet's memory limit and kubelet's OOM group kill. The test plays kubelet's part
-/// of restarting the worker's container.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_worker_oom_killed_in_its_own_container_is_replaced_and_the_lock_stays() {
-    let bed = start_bed(live_vms(3, Duration::from_secs(6))).await;
-    let dir = tempfile::tempdir_in(bed.control_plane.dir()).unwrap();
-    let socket = dir.path().join("link.sock").display().to_string();
-    let state = dir.path().display().to_string();
-    let once = dir.path().join("oom-once").display().to_string();
-    let holder_log = dir.path().join("holder.log");
-    let node1 = bed.node(NODE).unwrap();
-    let holder = node1
+/// The holder as the DaemonSet's `holder` container runs it on node-1: listening for its worker
+/// on `dir`/link.sock, its state in `dir`, its log in `dir`/holder.log.
+async fn spawn_holder_pod(
+    bed: &Bed,
+    dir: &std::path::Path,
+) -> (testbed::pod::Pod, std::path::PathBuf) {
+    let socket = dir.join("link.sock").display().to_string();
+    let state = dir.display().to_string();
+    let log = dir.join("holder.log");
+    let pod = bed
+        .node(NODE)
+        .unwrap()
         .spawn_pod(
             PodSpec::new(
                 AGENT,
@@ -233,10 +232,24 @@ async fn a_worker_oom_killed_in_its_own_container_is_replaced_and_the_lock_stays
                 ],
             )
             .name("shutdown-guard-holder")
-            .output(PodOutput::File(holder_log.clone())),
+            .output(PodOutput::File(log.clone())),
         )
         .await
         .expect("the holder starts");
+    (pod, log)
+}
+
+/// The DaemonSet's shape: the holder and the worker in containers of their own, the worker's
+/// with the DaemonSet's memory limit and kubelet's OOM group kill. The test plays kubelet's part
+/// of restarting the worker's container.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_oom_killed_in_its_own_container_is_replaced_and_the_lock_stays() {
+    let bed = start_bed(live_vms(3, Duration::from_secs(6))).await;
+    let dir = tempfile::tempdir_in(bed.control_plane.dir()).unwrap();
+    let socket = dir.path().join("link.sock").display().to_string();
+    let once = dir.path().join("oom-once").display().to_string();
+    let (holder, holder_log) = spawn_holder_pod(&bed, dir.path()).await;
+    let node1 = bed.node(NODE).unwrap();
     // Kubelet's part: the worker container, restarted whenever it dies (bounded).
     let worker_log = dir.path().join("worker.log");
     let spawn_worker = || {
@@ -320,32 +333,7 @@ async fn a_worker_flooding_its_link_is_cut_off_and_the_lock_stays() {
     let bed = start_bed(BedOptions::default()).await;
     let dir = tempfile::tempdir_in(bed.control_plane.dir()).unwrap();
     let socket = dir.path().join("link.sock");
-    let socket_arg = socket.display().to_string();
-    let state = dir.path().display().to_string();
-    let holder_log = dir.path().join("holder.log");
-    let holder = bed
-        .node(NODE)
-        .unwrap()
-        .spawn_pod(
-            PodSpec::new(
-                AGENT,
-                &[
-                    "run",
-                    "--node",
-                    NODE,
-                    "--log-format",
-                    "json",
-                    "--link-socket",
-                    &socket_arg,
-                    "--state-dir",
-                    &state,
-                ],
-            )
-            .name("shutdown-guard-holder")
-            .output(PodOutput::File(holder_log.clone())),
-        )
-        .await
-        .expect("the holder starts");
+    let (holder, holder_log) = spawn_holder_pod(&bed, dir.path()).await;
     wait_for_lock_logged(&bed, &holder_log, Duration::from_secs(30)).await;
     let log = || std::fs::read_to_string(&holder_log).unwrap_or_default();
 

@@ -108,6 +108,11 @@ pub async fn guard_lock(bed: &Bed) -> Option<Inhibitor> {
         .find(|i| i.who == WHO && i.mode == "delay" && i.what.contains("shutdown"))
 }
 
+/// Polls logind (every 50 ms, at most `timeout`) until the agent's delay lock shows.
+pub async fn poll_guard_lock(bed: &Bed, timeout: Duration) -> Option<Inhibitor> {
+    wait::until(timeout, Duration::from_millis(50), || guard_lock(bed)).await
+}
+
 pub async fn holds_lock(bed: &Bed) -> bool {
     guard_lock(bed).await.is_some()
 }
