@@ -89,7 +89,16 @@ async fn manifests_apply_server_side_and_the_daemonset_is_what_the_agent_needs()
 
     let pod = spec.template.spec.expect("pod spec");
     assert_eq!(pod.service_account_name.as_deref(), Some(SA));
-    assert_ne!(pod.automount_service_account_token, Some(false));
+    // The token goes to the worker alone, through its own projected volume.
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let worker_token = pod.containers[0]
+        .volume_mounts
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|m| m.mount_path == "/var/run/secrets/kubernetes.io/serviceaccount")
+        .expect("the worker mounts the API token");
+    assert_eq!(worker_token.name, "api-access");
     assert_eq!(
         pod.priority_class_name.as_deref(),
         Some("system-node-critical")
