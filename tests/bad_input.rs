@@ -1,7 +1,8 @@
 //! Bad input never panics or hangs the agent: property tests (proptest) over the configuration
 //! loader, the logind drop-in parser, the decoding of the API objects the drain reads and the
-//! eviction answers it acts on. Each prints how many cases it ran; proptest catches a panic
-//! in a case, shrinks the input and fails the test with it.
+//! eviction answers it acts on, and the lines between holder and worker. Each writes how many
+//! cases it ran to the test log; proptest catches a panic in a case, shrinks the input and fails
+//! the test with it.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -45,7 +46,11 @@ fn check<S: Strategy>(
     if let Err(e) = outcome {
         panic!("{name}: {e}");
     }
-    println!(
+    // Straight to stderr: libtest captures the print macros of a passing test, and the count is
+    // what a CI log should show.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
         "{name}: {} cases, every one a value or a clear error",
         ran.load(Ordering::Relaxed)
     );
