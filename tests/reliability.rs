@@ -434,13 +434,18 @@ async fn an_agent_started_while_a_shutdown_is_delayed_drains_without_a_lock() {
     bed.shutdown().await.expect("teardown");
 }
 
+/// Whether node-1 is cordoned, read from the API server. After a test restarted or froze the
+/// API server the first read can fail on the way there; reads are retried (10 s at most) so
+/// that a failed read is not taken for an answer.
 async fn node_cordoned(bed: &Bed) -> bool {
-    Api::<Node>::all(bed.client())
-        .get(NODE)
-        .await
-        .ok()
-        .and_then(|n| n.spec?.unschedulable)
-        .unwrap_or(false)
+    let read = wait::until(
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || async { Api::<Node>::all(bed.client()).get(NODE).await.ok() },
+    )
+    .await
+    .expect("node-1 could not be read within 10 s");
+    read.spec.and_then(|s| s.unschedulable).unwrap_or(false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -461,7 +466,11 @@ async fn the_api_server_down_for_10s_as_the_shutdown_begins() {
         .await
         .unwrap_or_else(|| panic!("lock still held; agent log:\n{}", agent.log_text()));
     bed.wait_poweroff(Duration::from_secs(60)).await.unwrap();
-    assert!(node_cordoned(&bed).await, "node-1 was never cordoned");
+    assert!(
+        node_cordoned(&bed).await,
+        "node-1 was never cordoned; agent log:\n{}",
+        agent.log_text()
+    );
     assert_all_migrated_then_released(&bed, &released, &["default/live-1", "default/live-2"]).await;
     eprintln!(
         "API server down 10 s: lock released +{:.3} s",
