@@ -555,6 +555,93 @@ async fn an_outage_longer_than_the_budget_ends_at_the_deadline() {
     bed.shutdown().await.expect("teardown");
 }
 
+/// The agent's watch calls as the API server received them: (when, resource, timeoutSeconds).
+fn agent_watches(bed: &Bed) -> Vec<(SystemTime, String, u32)> {
+    let events = bed.control_plane.audit_events().expect("audit log");
+    events
+        .iter()
+        .filter(|e| {
+            e.stage == "ResponseStarted"
+                && e.verb == "watch"
+                && e.user_agent.starts_with("shutdown-guard/")
+        })
+        .map(|e| {
+            let at: chrono::DateTime<chrono::Utc> = e
+                .request_received_timestamp
+                .parse()
+                .expect("an audit timestamp");
+            let timeout = e
+                .request_uri
+                .split(['?', '&'])
+                .find_map(|kv| kv.strip_prefix("timeoutSeconds="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("a watch without timeoutSeconds: {}", e.request_uri));
+            (at.into(), e.resource_path(), timeout)
+        })
+        .collect()
+}
+
+/// Between drains nothing waits on the node's watches: they are long calls, a few requests an
+/// hour per agent. A drain opens its own short ones on the calls' client, whose read timeout
+/// notices a stalled connection within seconds (`every_open_api_connection_frozen_mid_drain`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_watches_are_long_calls_and_a_drain_follows_with_short_ones() {
+    let bed = start_bed(live_vms(2, Duration::from_secs(2))).await;
+    let agent = Agent::spawn(&bed, &[]).await;
+    wait_for_lock(&bed, &agent, Duration::from_secs(30)).await;
+    let both_open = |w: &[(SystemTime, String, u32)]| {
+        ["pods", "virtualmachineinstances"]
+            .iter()
+            .all(|r| w.iter().any(|(_, res, _)| res == r))
+    };
+    wait::until(
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || async { both_open(&agent_watches(&bed)).then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "the idle watches never opened; agent log:\n{}",
+            agent.log_text()
+        )
+    });
+    let watch = bed.watch_release(WHO, Duration::from_secs(60)).await;
+    let requested = now();
+    bed.poweroff().await.expect("power-off starts");
+    let released = watch
+        .wait()
+        .await
+        .unwrap_or_else(|| panic!("lock still held; agent log:\n{}", agent.log_text()));
+    bed.wait_poweroff(Duration::from_secs(60)).await.unwrap();
+    assert_all_migrated_then_released(&bed, &released, &["default/live-1", "default/live-2"]).await;
+
+    let all = agent_watches(&bed);
+    let (idle, draining): (Vec<_>, Vec<_>) = all.iter().partition(|(at, _, _)| *at < requested);
+    assert!(
+        both_open(&idle.iter().map(|w| (*w).clone()).collect::<Vec<_>>()),
+        "no idle watch of pods and VMIs: {all:?}"
+    );
+    assert!(
+        idle.iter().all(|(_, _, t)| *t == 290),
+        "an idle watch was not a 290 s call: {idle:?}"
+    );
+    for r in ["pods", "virtualmachineinstances"] {
+        assert!(
+            draining.iter().any(|(_, res, t)| res == r && *t == 20),
+            "the drain followed {r} with no 20 s watch: {draining:?}; agent log:\n{}",
+            agent.log_text()
+        );
+    }
+    eprintln!(
+        "agent watches: {} before the shutdown (290 s calls), {} after it",
+        idle.len(),
+        draining.len()
+    );
+    drop(agent);
+    bed.shutdown().await.expect("teardown");
+}
+
 /// CPU time (utime + stime, in clock ticks) of the given processes.
 fn cpu_ticks(pids: &[u32]) -> u64 {
     pids.iter()

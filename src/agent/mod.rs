@@ -187,10 +187,12 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
         _ => unreachable!("only lock and nolock end the wait"),
     };
 
-    let client = match &kubeconfig {
-        Some(text) => crate::kube::client_from(crate::kube::Source::Text(text)).await?,
-        None => crate::kube::client(settings.kubeconfig.as_deref()).await?,
-    };
+    let clients = crate::kube::clients_from(match &kubeconfig {
+        Some(text) => crate::kube::Source::Text(text),
+        None => crate::kube::Source::File(settings.kubeconfig.as_deref()),
+    })
+    .await?;
+    let client = clients.calls;
     let _ = admin.client.set(client.clone());
     let events = NodeEvents::new(client.clone(), &node, None);
     let reports = Reports::spawn(client.clone(), &node, events.clone());
@@ -211,7 +213,8 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
             link: writer.clone(),
         }),
         reporter,
-    );
+    )
+    .with_idle_watches(clients.idle_watches);
     driver.feed(input_of(first));
 
     let tx = driver.sender();

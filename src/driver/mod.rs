@@ -27,7 +27,8 @@ use crate::drain::machine::{
 };
 use crate::drain::model::ObjKey;
 use crate::kube::cordon::{self, CordonMark};
-use crate::kube::{kubevirt, pods, watch};
+use crate::kube::watch::{self, Pace};
+use crate::kube::{kubevirt, pods};
 
 #[cfg(test)]
 mod tests;
@@ -98,6 +99,10 @@ pub enum DriverError {
 pub struct Driver<R> {
     node: String,
     client: Client,
+    /// The client of the watches between drains; without one they always follow at drain pace.
+    idle_client: Option<Client>,
+    /// The node's two watch tasks and their pace.
+    watching: Option<(Pace, [tokio::task::AbortHandle; 2])>,
     nodes: Api<Node>,
     mark: CordonMark,
     once: bool,
@@ -125,6 +130,8 @@ impl<R: Reporter> Driver<R> {
             node: cfg.machine.node.clone(),
             nodes: Api::all(client.clone()),
             client,
+            idle_client: None,
+            watching: None,
             mark: cfg.mark,
             once: cfg.once,
             machine: Machine::new(cfg.machine),
@@ -133,6 +140,14 @@ impl<R: Reporter> Driver<R> {
             tx,
             rx,
         }
+    }
+
+    /// Between drains, the node's watches use this client at [`Pace::Idle`]: long calls that
+    /// cost the API server a few requests an hour. A drain replaces them with watches of its
+    /// own at [`Pace::Draining`] on the calls' client.
+    pub fn with_idle_watches(mut self, client: Client) -> Self {
+        self.idle_client = Some(client);
+        self
     }
 
     /// Where the caller's other tasks send inputs (the start-up reconcile, logind's delay).
@@ -152,7 +167,7 @@ impl<R: Reporter> Driver<R> {
     ) -> Result<(Outcome, R), DriverError> {
         let mut sigterm = signal(SignalKind::terminate()).map_err(DriverError::Signals)?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(DriverError::Signals)?;
-        self.spawn_watches();
+        self.follow_watches();
         let mut triggers = triggers.fuse();
         let mut ticks = self.reporter.tick_every().map(tokio::time::interval);
         loop {
@@ -178,8 +193,10 @@ impl<R: Reporter> Driver<R> {
                 }
             };
             if let Some(outcome) = self.step(now(), input) {
+                self.stop_watches();
                 return Ok((outcome, self.reporter));
             }
+            self.follow_watches();
         }
     }
 
@@ -364,25 +381,52 @@ impl<R: Reporter> Driver<R> {
         None
     }
 
-    fn spawn_watches(&self) {
-        let (client, node, tx) = (self.client.clone(), self.node.clone(), self.tx.clone());
+    /// The watches at the pace the drain's phase asks for: a drain starting gets fresh
+    /// drain-pace watches (their first list replaces the view only once complete, so nothing
+    /// is missed in between), its end the idle ones back.
+    fn follow_watches(&mut self) {
+        let idle = match (self.machine.phase(), &self.idle_client) {
+            (Phase::Idle, Some(c)) => Some(c.clone()),
+            _ => None,
+        };
+        let pace = if idle.is_some() {
+            Pace::Idle
+        } else {
+            Pace::Draining
+        };
+        if self.watching.as_ref().map(|(p, _)| *p) == Some(pace) {
+            return;
+        }
+        self.stop_watches();
+        let client = idle.unwrap_or_else(|| self.client.clone());
+        let (node, tx) = (self.node.clone(), self.tx.clone());
         let (c, n, t) = (client.clone(), node.clone(), tx.clone());
-        tokio::spawn(async move {
-            let mut s = std::pin::pin!(watch::vmis(c, &n));
+        let vmis = tokio::spawn(async move {
+            let mut s = std::pin::pin!(watch::vmis(c, &n, pace));
             while let Some(u) = s.next().await {
                 if t.send(Input::Vmis(u)).is_err() {
                     return;
                 }
             }
         });
-        tokio::spawn(async move {
-            let mut s = std::pin::pin!(watch::pods(client, &node));
+        let pods = tokio::spawn(async move {
+            let mut s = std::pin::pin!(watch::pods(client, &node, pace));
             while let Some(u) = s.next().await {
                 if tx.send(Input::Pods(u)).is_err() {
                     return;
                 }
             }
         });
+        tracing::debug!(node = %self.node, pace = ?pace, "watching the node");
+        self.watching = Some((pace, [vmis.abort_handle(), pods.abort_handle()]));
+    }
+
+    fn stop_watches(&mut self) {
+        if let Some((_, tasks)) = self.watching.take() {
+            for t in tasks {
+                t.abort();
+            }
+        }
     }
 }
 

@@ -25,9 +25,13 @@ use tower::ServiceBuilder;
 /// A connection to the API server is given this long to open.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection that has sent nothing for this long is dead, whatever TCP thinks (a frozen
-/// load balancer keeps acknowledging). Above [`watch::WATCH_TIMEOUT`]: an idle watch ends on the
-/// server's side first.
+/// load balancer keeps acknowledging). Above [`watch::WATCH_TIMEOUT`]: a quiet drain-pace watch
+/// ends on the server's side first.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same for the idle watches' client: above the API server's bookmark interval (one
+/// minute, plus its ticker's jitter), so a quiet watch is not taken for a dead one. A stall
+/// while idle costs nothing but a stale view: a drain opens watches of its own.
+pub const IDLE_READ_TIMEOUT: Duration = Duration::from_secs(120);
 /// TCP keepalive probes on idle connections, so a peer gone after a VIP failover is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(10);
 
@@ -56,13 +60,33 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
     client_from(Source::File(kubeconfig)).await
 }
 
+/// The agent's two clients, from one configuration.
+pub struct Clients {
+    /// Every call, and the watches a drain follows.
+    pub calls: Client,
+    /// The watches that keep the node's view between drains ([`watch::Pace::Idle`]).
+    pub idle_watches: Client,
+}
+
+pub async fn clients_from(source: Source<'_>) -> Result<Clients, ClientError> {
+    let cfg = config_from(source).await?;
+    Ok(Clients {
+        calls: build(cfg.clone(), READ_TIMEOUT)?,
+        idle_watches: build(cfg, IDLE_READ_TIMEOUT)?,
+    })
+}
+
 /// A client whose every call is bounded (connect timeout, read timeout, TCP keepalive) and
 /// without kube's built-in retry: it retries 429 for up to minutes, and KubeVirt answers every
 /// first eviction of a virt-launcher pod with 429 by design. The drain owns the timing of every
 /// retry instead. `TCP_NODELAY` too: a small request on a fresh connection must not wait for the
 /// peer's delayed ACK.
 pub async fn client_from(source: Source<'_>) -> Result<Client, ClientError> {
-    let cfg = match source {
+    build(config_from(source).await?, READ_TIMEOUT)
+}
+
+async fn config_from(source: Source<'_>) -> Result<Config, ClientError> {
+    Ok(match source {
         Source::File(Some(path)) => {
             let err = |source| ClientError::Kubeconfig {
                 path: path.display().to_string(),
@@ -84,11 +108,18 @@ pub async fn client_from(source: Source<'_>) -> Result<Client, ClientError> {
                 .await
                 .map_err(err)?
         }
-    };
-    build(cfg)
+    })
 }
 
-fn build(cfg: Config) -> Result<Client, ClientError> {
+/// What the agent calls itself to the API server, so audit logs and API priority and fairness
+/// can tell its requests from those of other clients with the same identity.
+pub const USER_AGENT: &str = concat!("shutdown-guard/", env!("CARGO_PKG_VERSION"));
+
+fn build(mut cfg: Config, read_timeout: Duration) -> Result<Client, ClientError> {
+    cfg.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(USER_AGENT),
+    ));
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -98,7 +129,7 @@ fn build(cfg: Config) -> Result<Client, ClientError> {
     http.set_keepalive_retries(Some(3));
     let https = cfg.rustls_https_connector_with_connector(http)?;
     let mut timed = hyper_timeout::TimeoutConnector::new(https);
-    timed.set_read_timeout(Some(READ_TIMEOUT));
+    timed.set_read_timeout(Some(read_timeout));
     timed.set_write_timeout(Some(READ_TIMEOUT));
     // The read timeout counts from each request, not from when a pooled connection went idle.
     timed.set_reset_reader_on_write(true);

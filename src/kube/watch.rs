@@ -32,16 +32,47 @@ fn reduce<K, T>(
     }
 }
 
-/// The server ends each watch call after this many seconds; kube-runtime treats a watch silent
-/// for 5 s longer as dead and opens a new one from the last resourceVersion. A stalled
-/// connection (a frozen load balancer) is thus noticed within 25 s.
+/// How closely the node's watches are followed, which sets how long each watch call lasts and
+/// so how many requests an agent costs the API server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// No drain: nothing waits on these watches, they keep the node's view warm for the next
+    /// drain and for `status`. Long calls: each one ends on the server after [`IDLE_TIMEOUT`].
+    Idle,
+    /// A drain is on and the lock's release waits on them: short calls, so a stalled
+    /// connection is noticed within seconds.
+    Draining,
+}
+
+/// The server ends each drain-pace watch call after this many seconds; kube-runtime then opens
+/// the next one from the last resourceVersion (no list). With the calls' read timeout
+/// ([`super::READ_TIMEOUT`]) a stalled connection is noticed within 30 s.
 pub const WATCH_TIMEOUT: u32 = 20;
 
-pub fn vmis(client: Client, node: &str) -> impl Stream<Item = WatchUpdate<VmiInfo>> + Send {
+/// The longest watch kube-runtime accepts (it must end before kube's 295 s client cap). Idle,
+/// the API server's bookmarks (about one a minute on a watch with `allowWatchBookmarks`, which
+/// kube-runtime asks for) keep the connection from looking dead to
+/// [`super::IDLE_READ_TIMEOUT`]: two watches reopened every 290 s cost ~25 requests an hour.
+pub const IDLE_TIMEOUT: u32 = 290;
+
+impl Pace {
+    pub fn timeout(self) -> u32 {
+        match self {
+            Pace::Idle => IDLE_TIMEOUT,
+            Pace::Draining => WATCH_TIMEOUT,
+        }
+    }
+}
+
+pub fn vmis(
+    client: Client,
+    node: &str,
+    pace: Pace,
+) -> impl Stream<Item = WatchUpdate<VmiInfo>> + Send {
     let api: Api<DynamicObject> = Api::all_with(client, &super::vmi_resource());
     let cfg = watcher::Config::default()
         .labels(&format!("{VMI_NODE_LABEL}={node}"))
-        .timeout(WATCH_TIMEOUT);
+        .timeout(pace.timeout());
     let node = node.to_string();
     watcher(api, cfg).default_backoff().filter_map(move |ev| {
         let r = reduce("vmis", node.clone(), ev, vmi_info);
@@ -49,11 +80,15 @@ pub fn vmis(client: Client, node: &str) -> impl Stream<Item = WatchUpdate<VmiInf
     })
 }
 
-pub fn pods(client: Client, node: &str) -> impl Stream<Item = WatchUpdate<PodInfo>> + Send {
+pub fn pods(
+    client: Client,
+    node: &str,
+    pace: Pace,
+) -> impl Stream<Item = WatchUpdate<PodInfo>> + Send {
     let api: Api<Pod> = Api::all(client);
     let cfg = watcher::Config::default()
         .fields(&format!("spec.nodeName={node}"))
-        .timeout(WATCH_TIMEOUT);
+        .timeout(pace.timeout());
     let node = node.to_string();
     watcher(api, cfg).default_backoff().filter_map(move |ev| {
         let r = reduce("pods", node.clone(), ev, pod_info);

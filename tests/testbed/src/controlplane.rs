@@ -167,6 +167,8 @@ pub struct AuditEvent {
     pub response_status: Option<AuditResponseStatus>,
     pub request_received_timestamp: String,
     pub stage_timestamp: String,
+    /// The client's `User-Agent` header, as sent.
+    pub user_agent: String,
 }
 
 #[derive(Clone, Debug, Default, serde::Deserialize)]
