@@ -233,12 +233,16 @@ async fn check_reports_what_would_defeat_a_graceful_shutdown() {
         "delay-lock",
         "inhibit-delay",
         "inhibitors",
+        "reboot-commands",
         "api-server",
+        "last-drain",
         "rbac",
         "kubevirt",
     ] {
         line(&ok.stdout, "PASS", name);
     }
+    assert!(line(&ok.stdout, "PASS", "reboot-commands").contains("systemd 257"));
+    assert!(line(&ok.stdout, "PASS", "last-drain").contains("no drain recorded"));
     assert!(line(&ok.stdout, "PASS", "inhibit-delay").contains("90-testbed.conf"));
     assert!(line(&ok.stdout, "PASS", "inhibitors").contains("the agent's lock is held"));
     let none = line(&ok.stdout, "WARN", "vmi");
@@ -315,6 +319,39 @@ async fn check_reports_what_would_defeat_a_graceful_shutdown() {
     assert!(fix_of(&with_kubelet.stdout, "inhibitors").contains("shutdownGracePeriod: 0s"));
     drop(kubelet);
 
+    // The last drain recorded on the Node took longer than logind's 60 s less the 5 s margin.
+    let nodes: Api<Node> = Api::all(bed.client());
+    let record = json!({"type": "reboot", "started": "2026-11-30T06:00:00Z", "outcome": "empty",
+                        "migrated": 3, "stopped": 0, "remaining": [], "durationS": 58.2});
+    let annotate = |v: serde_json::Value| {
+        json!({"metadata": {"annotations": {
+            shutdown_guard::kube::condition::LAST_SHUTDOWN_ANNOTATION: v}}})
+    };
+    nodes
+        .patch(
+            NODE,
+            &PatchParams::default(),
+            &Patch::Merge(annotate(json!(record.to_string()))),
+        )
+        .await
+        .expect("record written");
+    let long = on_node(&bed, &base).await;
+    assert_eq!(long.code, 0, "a long last drain is a warning");
+    let l = line(&long.stdout, "WARN", "last-drain");
+    assert!(
+        l.contains("took 58.2s") && l.contains("less the margin 5s"),
+        "{l}"
+    );
+    assert!(fix_of(&long.stdout, "last-drain").contains("at least 64s"));
+    nodes
+        .patch(
+            NODE,
+            &PatchParams::default(),
+            &Patch::Merge(annotate(serde_json::Value::Null)),
+        )
+        .await
+        .expect("record removed");
+
     // A ServiceAccount whose ClusterRole lacks pods/eviction and nodes/status.
     let client = bed.client();
     apply(
@@ -384,6 +421,127 @@ async fn check_reports_what_would_defeat_a_graceful_shutdown() {
 
     drop(agent);
     bed.shutdown().await.expect("teardown");
+}
+
+/// Root's legacy `reboot` on node-1, run as an administrator or a reboot tool would.
+async fn legacy_reboot(bed: &Bed) {
+    // The node may be gone before the command has its answer; the ledger and the console judge.
+    let _ = bed
+        .logind
+        .read()
+        .await
+        .systemd_ref()
+        .expect("systemd logind")
+        .exec("reboot", &[])
+        .await;
+}
+
+/// systemd 247 (Debian bullseye): root's legacy `reboot` asks systemd directly, not logind, so
+/// no `PrepareForShutdown` is sent, the lock is not waited for and the VM dies with the node.
+/// `check` says so beforehand and names the commands that do wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_systemd_247_roots_legacy_reboot_skips_the_lock_and_check_warns() {
+    let bed = start_bed(BedOptions {
+        vms: "live=1".parse().unwrap(),
+        logind: LogindKind::SystemdBullseye,
+        inhibit_delay_max_secs: Some(60),
+        ..BedOptions::default()
+    })
+    .await;
+    let agent = Agent::spawn(&bed, &[]).await;
+    wait_for_lock(&bed, &agent, Duration::from_secs(30)).await;
+    let out = check_on(&bed).await;
+    let l = line(&out.stdout, "WARN", "reboot-commands");
+    assert!(
+        l.contains("systemd 247")
+            && l.contains("systemd#22058")
+            && l.contains("`systemctl reboot`"),
+        "{l}"
+    );
+    assert!(fix_of(&out.stdout, "reboot-commands").contains("systemctl reboot"));
+
+    let requested = std::time::SystemTime::now();
+    legacy_reboot(&bed).await;
+    bed.wait_poweroff(Duration::from_secs(30))
+        .await
+        .expect("node-1 goes down");
+    let ledger = bed.ledger().await;
+    assert_eq!(
+        ledger.lost().len(),
+        1,
+        "the legacy reboot should have cut live-1 off:\n{ledger}\nagent log:\n{}",
+        agent.log_text()
+    );
+    let evictions = audit(&bed)
+        .into_iter()
+        .filter(|e| e.subresource == "eviction" && e.received >= requested)
+        .count();
+    assert_eq!(
+        evictions, 0,
+        "no drain can have run without PrepareForShutdown"
+    );
+    drop(agent);
+    bed.shutdown().await.expect("teardown");
+}
+
+/// `shutdown-guard check` on node-1, with the node's logind configuration as its host root.
+async fn check_on(bed: &Bed) -> Ran {
+    let root = snapshot_logind_conf(bed.control_plane.dir(), node_pid(bed).await);
+    let root_s = root.display().to_string();
+    on_node(
+        bed,
+        &[
+            "check",
+            "--node",
+            NODE,
+            "--drain-budget",
+            "30s",
+            "--host-root",
+            &root_s,
+        ],
+    )
+    .await
+}
+
+/// From systemd 251 the same legacy `reboot` goes through logind and waits for the agent's
+/// drain, and `check` passes it.
+async fn legacy_reboot_waits_for_the_drain(logind: LogindKind, version: &str) {
+    let bed = start_bed(BedOptions {
+        vms: "live=1".parse().unwrap(),
+        logind,
+        inhibit_delay_max_secs: Some(60),
+        ..BedOptions::default()
+    })
+    .await;
+    let agent = Agent::spawn(&bed, &[]).await;
+    wait_for_lock(&bed, &agent, Duration::from_secs(30)).await;
+    let out = check_on(&bed).await;
+    let l = line(&out.stdout, "PASS", "reboot-commands");
+    assert!(l.contains(&format!("systemd {version}")), "{l}");
+    legacy_reboot(&bed).await;
+    bed.wait_poweroff(Duration::from_secs(60))
+        .await
+        .expect("node-1 goes down");
+    let ledger = assert_none_lost(&bed).await;
+    assert!(
+        ledger
+            .fate("default/live-1")
+            .is_some_and(|f| f.is_migrated()),
+        "live-1 did not migrate:\n{ledger}\nagent log:\n{}",
+        agent.log_text()
+    );
+    drop(agent);
+    bed.shutdown().await.expect("teardown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_systemd_252_roots_legacy_reboot_waits_for_the_drain() {
+    legacy_reboot_waits_for_the_drain(LogindKind::SystemdBookworm, "252").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_systemd_257_roots_legacy_reboot_waits_for_the_drain() {
+    legacy_reboot_waits_for_the_drain(LogindKind::Systemd, "257").await;
 }
 
 /// The ShutdownGuard condition reasons the Node went through, in order.

@@ -17,6 +17,7 @@ use zbus::Connection;
 
 use crate::config::Settings;
 use crate::drain::fate::{ClusterStrategy, Fate, VmiFacts, fate};
+use crate::drain::report::{LastShutdown, ShutdownOutcome};
 use crate::host::logind::{ManagerProxy, WHO};
 use crate::kube::kubevirt::{cluster_strategy, node_vmis};
 use crate::kube::objects::vmi_facts;
@@ -312,6 +313,128 @@ pub fn judge_inhibitors(list: &[Inhibitor]) -> Check {
     )
 }
 
+/// The leading number of systemd's `Version` property (`252.30-1~deb12u2` → 252).
+pub fn systemd_major(version: &str) -> Option<u32> {
+    let digits: String = version.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// The first systemd whose legacy `reboot`, `poweroff`, `halt` and `shutdown now` ask logind
+/// when run by root, and so wait for delay locks (systemd#22058). Measured on the bed: 247
+/// goes around logind, 252 and 257 wait.
+pub const LEGACY_COMMANDS_WAIT_SINCE: u32 = 251;
+
+/// Which reboot and power-off commands wait for the agent's lock on this node's init:
+/// `version` is systemd's `Version`, `None` when no systemd answers on the bus (elogind).
+pub fn judge_reboot_commands(version: &Result<Option<String>, String>) -> Check {
+    const NAME: &str = "reboot-commands";
+    let v = match version {
+        Err(e) => {
+            return Check::warn(
+                NAME,
+                format!("systemd's version could not be read over the bus: {e}"),
+                "run the check where the agent runs, with the host's system bus mounted",
+            );
+        }
+        Ok(None) => {
+            return Check::warn(
+                NAME,
+                "no systemd on the system bus (elogind?): only shutdowns asked of logind \
+                 (`loginctl poweroff`, `loginctl reboot`, the power key it handles) wait for the \
+                 agent's lock; the init system's own `reboot`, `poweroff`, `halt` and `shutdown` \
+                 never ask it",
+                "reboot with `loginctl reboot` (and power off with `loginctl poweroff`) in scripts \
+                 and reboot tools",
+            );
+        }
+        Ok(Some(v)) => v,
+    };
+    match systemd_major(v) {
+        Some(major) if major >= LEGACY_COMMANDS_WAIT_SINCE => Check::pass(
+            NAME,
+            format!(
+                "systemd {v}: every reboot and power-off command waits for the agent's lock, root's \
+                 legacy `reboot` and `shutdown -r now` included"
+            ),
+        ),
+        Some(_) => Check::warn(
+            NAME,
+            format!(
+                "systemd {v}: run by root, the legacy `reboot`, `poweroff`, `halt` and `shutdown -r \
+                 now` go straight to systemd, around logind: no PrepareForShutdown, the lock is not \
+                 waited for and the node's VMs are cut off (systemd#22058, fixed in \
+                 {LEGACY_COMMANDS_WAIT_SINCE}); `systemctl reboot`, `systemctl poweroff`, a \
+                 scheduled `shutdown -r +N` and the power key do wait for it"
+            ),
+            format!(
+                "reboot with `systemctl reboot` (power off with `systemctl poweroff`) in scripts and \
+                 reboot tools, or move to systemd {LEGACY_COMMANDS_WAIT_SINCE} or later"
+            ),
+        ),
+        None => Check::warn(
+            NAME,
+            format!("systemd reports version {v:?}, which this check cannot read"),
+            "reboot with `systemctl reboot`, which waits for the lock on every systemd",
+        ),
+    }
+}
+
+/// The last drain recorded on the Node against the time logind now grants one: a drain that
+/// ran out of time, or took longer than logind's delay less the margin, will not fit again.
+pub fn judge_last_drain(
+    delay: Option<Duration>,
+    margin: Duration,
+    last: Option<&LastShutdown>,
+) -> Check {
+    const NAME: &str = "last-drain";
+    let Some(last) = last else {
+        return Check::pass(NAME, "no drain recorded on this node yet");
+    };
+    let took = last.duration_s.map(Duration::from_secs_f64);
+    let what = format!(
+        "the last drain ({}, started {}{})",
+        last.r#type,
+        last.started,
+        took.map(|d| format!(", took {}", secs_f(d)))
+            .unwrap_or_default()
+    );
+    if last.outcome == ShutdownOutcome::Deadline {
+        return Check::warn(
+            NAME,
+            format!(
+                "{what} ran out of time with {} left: {}",
+                last.remaining.len(),
+                last.remaining.join(", ")
+            ),
+            "raise InhibitDelayMaxSec (see the inhibit-delay check), or move VMs off before \
+             the shutdown (`shutdown-guard drain`)",
+        );
+    }
+    match (took, delay) {
+        (Some(took), Some(delay)) if took + margin > delay => Check::warn(
+            NAME,
+            format!(
+                "{what} needed more than logind now grants: {} less the margin {}; a drain like it \
+                 would be cut off",
+                secs(delay),
+                secs(margin)
+            ),
+            format!(
+                "set InhibitDelayMaxSec to at least {}s, with room to spare",
+                (took + margin).as_secs() + 1
+            ),
+        ),
+        (Some(_), Some(delay)) => {
+            Check::pass(NAME, format!("{what} fits in logind's {}", secs(delay)))
+        }
+        _ => Check::pass(NAME, format!("{what}; nothing to compare it with")),
+    }
+}
+
+fn secs_f(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
 /// A permission the agent needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rule {
@@ -537,6 +660,38 @@ struct LogindFacts {
     delay: Result<Duration, String>,
     lock: Result<(), String>,
     inhibitors: Result<Vec<Inhibitor>, String>,
+    /// systemd's `Version`; `None` when no systemd is on the bus.
+    systemd: Result<Option<String>, String>,
+}
+
+/// systemd's `Version` property, or `None` when nothing owns `org.freedesktop.systemd1`.
+async fn systemd_version(conn: &Connection) -> Result<Option<String>, String> {
+    let proxy = timed(zbus::Proxy::new(
+        conn,
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+    ))
+    .await?;
+    match tokio::time::timeout(BUS_TIMEOUT, proxy.get_property::<String>("Version")).await {
+        Ok(Ok(v)) => Ok(Some(v)),
+        Ok(Err(zbus::Error::MethodError(name, _, _)))
+            if name.as_str() == "org.freedesktop.DBus.Error.ServiceUnknown"
+                || name.as_str() == "org.freedesktop.DBus.Error.NameHasNoOwner" =>
+        {
+            Ok(None)
+        }
+        Ok(Err(zbus::Error::FDO(e)))
+            if matches!(
+                *e,
+                zbus::fdo::Error::ServiceUnknown(_) | zbus::fdo::Error::NameHasNoOwner(_)
+            ) =>
+        {
+            Ok(None)
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {BUS_TIMEOUT:?}")),
+    }
 }
 
 async fn logind_facts() -> LogindFacts {
@@ -546,7 +701,8 @@ async fn logind_facts() -> LogindFacts {
             return LogindFacts {
                 delay: Err(e.clone()),
                 lock: Err(e.clone()),
-                inhibitors: Err(e),
+                inhibitors: Err(e.clone()),
+                systemd: Err(e),
             };
         }
     };
@@ -562,7 +718,8 @@ async fn logind_facts() -> LogindFacts {
             return LogindFacts {
                 delay: Err(e.clone()),
                 lock: Err(e.clone()),
-                inhibitors: Err(e),
+                inhibitors: Err(e.clone()),
+                systemd: Err(e),
             };
         }
     };
@@ -589,10 +746,12 @@ async fn logind_facts() -> LogindFacts {
             })
             .collect()
     });
+    let systemd = systemd_version(&conn).await;
     LogindFacts {
         delay,
         lock,
         inhibitors,
+        systemd,
     }
 }
 
@@ -665,6 +824,7 @@ pub async fn run(settings: &Settings, strict: bool) -> Result<CheckReport, Check
                 "see the logind check",
             )),
         }
+        checks.push(judge_reboot_commands(&lf.systemd));
     }
 
     let client = crate::kube::client(settings.kubeconfig.as_deref()).await?;
@@ -689,6 +849,28 @@ pub async fn run(settings: &Settings, strict: bool) -> Result<CheckReport, Check
             return Ok(CheckReport::new(node, checks, strict));
         }
     }
+    let last = match tokio::time::timeout(
+        BUS_TIMEOUT,
+        Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()).get_opt(node),
+    )
+    .await
+    {
+        Ok(Ok(n)) => Ok(n.as_ref().and_then(crate::kube::condition::last_shutdown)),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {BUS_TIMEOUT:?}")),
+    };
+    checks.push(match last {
+        Ok(last) => judge_last_drain(
+            lf.delay.as_ref().ok().copied(),
+            settings.safety_margin,
+            last.as_ref(),
+        ),
+        Err(e) => Check::warn(
+            "last-drain",
+            format!("reading node {node} failed: {e}"),
+            "see the rbac check",
+        ),
+    });
     let user = whoami(&client).await;
     checks.push(judge_rbac(&user, &rbac_answers(&client, node).await));
     let served = client
@@ -726,6 +908,64 @@ mod tests {
             mode: mode.into(),
             pid: 7,
         }
+    }
+
+    #[test]
+    fn legacy_reboot_commands_are_called_out_before_systemd_251() {
+        let on = |v: &str| judge_reboot_commands(&Ok(Some(v.into())));
+        assert_eq!(systemd_major("252.30-1~deb12u2"), Some(252));
+        assert_eq!(systemd_major("v252"), None);
+        let old = on("247.3-7+deb11u6");
+        assert_eq!(old.status, Status::Warn);
+        assert!(old.message.contains("systemd#22058"), "{}", old.message);
+        assert!(
+            old.message.contains("`systemctl reboot`"),
+            "{}",
+            old.message
+        );
+        assert!(old.fix.unwrap().contains("systemctl reboot"));
+        assert_eq!(on("250.4-1").status, Status::Warn);
+        assert_eq!(on("251").status, Status::Pass);
+        assert_eq!(on("252.30-1~deb12u2").status, Status::Pass);
+        assert_eq!(on("257.9-1~deb13u1").status, Status::Pass);
+        assert_eq!(on("258").status, Status::Pass);
+        assert_eq!(on("unknown").status, Status::Warn);
+        let elogind = judge_reboot_commands(&Ok(None));
+        assert_eq!(elogind.status, Status::Warn);
+        assert!(elogind.message.contains("loginctl reboot"));
+        assert_eq!(
+            judge_reboot_commands(&Err("no bus".into())).status,
+            Status::Warn
+        );
+    }
+
+    #[test]
+    fn a_last_drain_longer_than_the_delay_allows_is_a_warning() {
+        let rec = |outcome, took: f64, remaining: &[&str]| LastShutdown {
+            r#type: "reboot".into(),
+            started: "2026-11-30T06:00:00Z".into(),
+            finished: None,
+            outcome,
+            migrated: 3,
+            stopped: 0,
+            remaining: remaining.iter().map(|s| s.to_string()).collect(),
+            duration_s: Some(took),
+        };
+        let (delay, margin) = (Some(Duration::from_secs(60)), Duration::from_secs(5));
+        assert_eq!(judge_last_drain(delay, margin, None).status, Status::Pass);
+        let fits = judge_last_drain(delay, margin, Some(&rec(ShutdownOutcome::Empty, 54.0, &[])));
+        assert_eq!(fits.status, Status::Pass, "{}", fits.message);
+        let long = judge_last_drain(delay, margin, Some(&rec(ShutdownOutcome::Empty, 56.0, &[])));
+        assert_eq!(long.status, Status::Warn, "{}", long.message);
+        assert!(long.message.contains("took 56.0s"), "{}", long.message);
+        assert!(long.fix.unwrap().contains("at least 62s"));
+        let cut = judge_last_drain(
+            delay,
+            margin,
+            Some(&rec(ShutdownOutcome::Deadline, 55.0, &["default/big-1"])),
+        );
+        assert_eq!(cut.status, Status::Warn);
+        assert!(cut.message.contains("default/big-1"), "{}", cut.message);
     }
 
     #[test]

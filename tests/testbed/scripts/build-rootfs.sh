@@ -2,8 +2,9 @@
 # Build (once) a Debian root filesystem that boots systemd as PID 1 of a container
 # (see src/logind/systemd.rs), cached under ${TESTBED_CACHE:-<workspace>/target/testbed}/rootfs/<suite>.
 #
-# Usage: build-rootfs.sh [trixie|bookworm|trixie-polkit]    (default trixie; run as root)
-# trixie-polkit: trixie with polkitd, for the non-root lock holder.
+# Usage: build-rootfs.sh [trixie|bookworm|bullseye|trixie-polkit]    (default trixie; run as root)
+# trixie-polkit: trixie with polkitd, for the non-root lock holder. bullseye: systemd 247, whose
+# legacy `reboot` run by root goes around logind.
 #
 # debootstrap is unpacked from its .deb, never installed, and nothing here touches the
 # machine's own systemd or dbus. Idempotent: a finished build leaves a stamp file whose
@@ -12,9 +13,11 @@ set -euo pipefail
 
 suite=${1:-trixie}
 case "$suite" in
-  trixie|bookworm) release=$suite; extra= ;;
-  trixie-polkit) release=trixie; extra=,libpam-systemd,polkitd ;;
-  *) echo "build-rootfs.sh: unknown suite '$suite' (trixie|bookworm|trixie-polkit)" >&2; exit 2 ;;
+  trixie|bookworm) release=$suite; base=systemd,systemd-sysv,dbus,dbus-bin; extra= ;;
+  # Before bookworm the bus daemon is in the dbus package itself (no dbus-bin).
+  bullseye) release=$suite; base=systemd,systemd-sysv,dbus; extra= ;;
+  trixie-polkit) release=trixie; base=systemd,systemd-sysv,dbus,dbus-bin; extra=,libpam-systemd,polkitd ;;
+  *) echo "build-rootfs.sh: unknown suite '$suite' (trixie|bookworm|bullseye|trixie-polkit)" >&2; exit 2 ;;
 esac
 [ "$(id -u)" = 0 ] || { echo "build-rootfs.sh: must run as root" >&2; exit 1; }
 
@@ -24,7 +27,7 @@ dest=$cache/rootfs/$suite
 stamp=$cache/rootfs/$suite.stamp
 mirror=${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\(http[^ ]*debian\/*\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)}
 mirror=${mirror:-http://deb.debian.org/debian}
-packages=systemd,systemd-sysv,dbus,dbus-bin$extra
+packages=$base$extra
 # Bump when the configuration below changes, so cached trees get rebuilt.
 recipe="v1 $release minbase $packages"
 

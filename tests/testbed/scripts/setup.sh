@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs and builds everything the bed needs, idempotently: Debian tools, the control-plane
 # binaries and helm and promtool (Go, pinned), the Debian root filesystems for the logind
-# containers (trixie, bookworm, trixie with polkitd), and elogind.
+# containers (trixie, bookworm, bullseye, trixie with polkitd), and elogind.
 # A second run is a no-op apart from a few stamp checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -14,6 +14,10 @@ start=$(date +%s)
 "$here/build-rootfs.sh" trixie
 if [ "${TESTBED_SKIP_BOOKWORM:-0}" != 1 ]; then
   "$here/build-rootfs.sh" bookworm
+fi
+# systemd 247, whose legacy `reboot` run by root goes around logind (`check` warns of it).
+if [ "${TESTBED_SKIP_BULLSEYE:-0}" != 1 ]; then
+  "$here/build-rootfs.sh" bullseye
 fi
 # A node with polkitd, for the non-root lock holder.
 if [ "${TESTBED_SKIP_POLKIT:-0}" != 1 ]; then

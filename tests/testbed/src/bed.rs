@@ -97,6 +97,8 @@ pub enum LogindKind {
     SystemdBookworm,
     /// systemd 257 (Debian trixie) with polkitd on the node.
     SystemdPolkit,
+    /// systemd 247 (Debian bullseye).
+    SystemdBullseye,
     /// elogind 246 on a private bus.
     Elogind,
 }
@@ -108,9 +110,11 @@ impl std::str::FromStr for LogindKind {
             "systemd" | "systemd-trixie" => Ok(Self::Systemd),
             "systemd-bookworm" => Ok(Self::SystemdBookworm),
             "systemd-polkit" => Ok(Self::SystemdPolkit),
+            "systemd-bullseye" => Ok(Self::SystemdBullseye),
             "elogind" => Ok(Self::Elogind),
             other => Err(format!(
-                "unknown logind {other:?}: use systemd, systemd-bookworm, systemd-polkit or elogind"
+                "unknown logind {other:?}: use systemd, systemd-bookworm, systemd-bullseye, \
+                 systemd-polkit or elogind"
             )),
         }
     }
@@ -197,9 +201,13 @@ async fn start_logind(
     delay: Option<u64>,
 ) -> Result<NodeLogind, BedError> {
     let node = match kind {
-        LogindKind::Systemd | LogindKind::SystemdBookworm | LogindKind::SystemdPolkit => {
+        LogindKind::Systemd
+        | LogindKind::SystemdBookworm
+        | LogindKind::SystemdBullseye
+        | LogindKind::SystemdPolkit => {
             let suite = match kind {
                 LogindKind::SystemdBookworm => Suite::Bookworm,
+                LogindKind::SystemdBullseye => Suite::Bullseye,
                 LogindKind::SystemdPolkit => Suite::TrixiePolkit,
                 _ => Suite::Trixie,
             };

@@ -52,6 +52,7 @@ fn assets_present(logind: LogindKind) -> bool {
         LogindKind::Systemd => cache.join("rootfs/trixie.stamp").exists(),
         LogindKind::SystemdBookworm => cache.join("rootfs/bookworm.stamp").exists(),
         LogindKind::SystemdPolkit => cache.join("rootfs/trixie-polkit.stamp").exists(),
+        LogindKind::SystemdBullseye => cache.join("rootfs/bullseye.stamp").exists(),
         LogindKind::Elogind => cache.join("elogind.stamp").exists(),
     };
     crate::paths::bin_dir().join("kube-apiserver").is_file() && rootfs_ok
@@ -78,6 +79,14 @@ async fn ensure_built(logind: LogindKind) -> Result<PathBuf> {
             .env(
                 "TESTBED_SKIP_POLKIT",
                 if logind == LogindKind::SystemdPolkit {
+                    "0"
+                } else {
+                    "1"
+                },
+            )
+            .env(
+                "TESTBED_SKIP_BULLSEYE",
+                if logind == LogindKind::SystemdBullseye {
                     "0"
                 } else {
                     "1"

@@ -88,6 +88,7 @@ impl NodeLogind {
                 super::Suite::Trixie => "systemd 257 (trixie)".into(),
                 super::Suite::Bookworm => "systemd 252 (bookworm)".into(),
                 super::Suite::TrixiePolkit => "systemd 257 (trixie) with polkitd".into(),
+                super::Suite::Bullseye => "systemd 247 (bullseye)".into(),
             },
             NodeLogind::Elogind(_) => "elogind 246".into(),
         }

@@ -41,6 +41,8 @@ pub enum Suite {
     Bookworm,
     /// Debian 13 with polkitd: logind asks polkit about non-root callers.
     TrixiePolkit,
+    /// Debian 11, systemd 247: root's legacy `reboot` goes around logind.
+    Bullseye,
 }
 
 impl Suite {
@@ -49,6 +51,7 @@ impl Suite {
             Suite::Trixie => "trixie",
             Suite::Bookworm => "bookworm",
             Suite::TrixiePolkit => "trixie-polkit",
+            Suite::Bullseye => "bullseye",
         }
     }
 
@@ -71,8 +74,9 @@ impl std::str::FromStr for Suite {
             "trixie" => Ok(Suite::Trixie),
             "bookworm" => Ok(Suite::Bookworm),
             "trixie-polkit" => Ok(Suite::TrixiePolkit),
+            "bullseye" => Ok(Suite::Bullseye),
             other => Err(format!(
-                "unknown suite {other:?} (trixie|bookworm|trixie-polkit)"
+                "unknown suite {other:?} (trixie|bookworm|trixie-polkit|bullseye)"
             )),
         }
     }
