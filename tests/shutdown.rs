@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use common::*;
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
+use shutdown_guard::drain::machine::EVACUATION_SPACING;
 use testbed::bed::{Bed, BedOptions, LogindKind, NODE};
 use testbed::kubevirt::KubeVirtOptions;
 use testbed::ledger::Outcome;
@@ -166,6 +167,7 @@ async fn main_scenario(logind: LogindKind) {
                 .collect::<Vec<_>>()
         );
     }
+    assert_first_evictions_paced(&evictions);
     // Independent of the agent: every VMI left node-1 before it powered off.
     let ledger = assert_none_lost(&bed).await;
     for n in 1..=3 {
@@ -191,6 +193,41 @@ async fn main_scenario(logind: LogindKind) {
     );
     drop(agent);
     bed.shutdown().await.expect("teardown");
+}
+
+/// Each pod's first eviction that follows one KubeVirt answered with an evacuation (429)
+/// reached the API server at least [`EVACUATION_SPACING`] after that answer left it, so each
+/// VMI's marking wakes KubeVirt's evacuation controller on its own.
+fn assert_first_evictions_paced(evictions: &[&AuditEntry]) {
+    let mut sorted = evictions.to_vec();
+    sorted.sort_by_key(|e| e.received);
+    let mut firsts: Vec<&AuditEntry> = Vec::new();
+    for e in sorted {
+        if !firsts.iter().any(|f| f.name == e.name) {
+            firsts.push(e);
+        }
+    }
+    let evacuations = firsts.iter().filter(|e| e.code == 429).count();
+    assert!(
+        evacuations >= 3,
+        "fewer than 3 first evictions answered with an evacuation: {:?}",
+        firsts.iter().map(|e| (&e.name, e.code)).collect::<Vec<_>>()
+    );
+    for pair in firsts.windows(2) {
+        if pair[0].code != 429 {
+            continue;
+        }
+        let gap = pair[1]
+            .received
+            .duration_since(pair[0].completed)
+            .unwrap_or_default();
+        assert!(
+            gap >= EVACUATION_SPACING,
+            "{} evicted {gap:?} after {}'s evacuation was answered (want ≥ {EVACUATION_SPACING:?})",
+            pair[1].name,
+            pair[0].name
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

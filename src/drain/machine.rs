@@ -22,6 +22,18 @@ pub const LOGIND_DEFAULT_DELAY: Duration = Duration::from_secs(5);
 /// cordoned still has to be emptied before logind's cut.
 pub const CORDON_GRACE: Duration = Duration::from_secs(2);
 
+/// How long after KubeVirt answered an eviction with an evacuation the next VMI that may
+/// migrate is evicted. KubeVirt's evacuation controller creates a node's migrations only when a
+/// VMI update wakes it (or 5 s after it found no room), and counts only migrations already
+/// running against its limits: evictions spread out wake it once each, and each wake creates
+/// migrations that wait in KubeVirt's own queue for a slot; a burst wakes it once, and then the
+/// node gets two migrations per 5 s. About kubectl's pace (client-go's 5 requests/s).
+pub const EVACUATION_SPACING: Duration = Duration::from_millis(200);
+
+/// A paced first eviction unanswered this long no longer holds the next one back: one slow
+/// answer must not stall the node's evacuation.
+pub const PACED_ANSWER_WAIT: Duration = Duration::from_secs(2);
+
 /// What a drain is run with; the same for the agent and the `drain` command.
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
@@ -386,9 +398,25 @@ pub struct Drain {
     inbound: HashMap<String, Track>,
     /// VMIs KubeVirt is evacuating because of this drain's evictions.
     evacuating: BTreeSet<ObjKey>,
+    /// The paced first eviction awaiting its answer (pod UID, sent at); see
+    /// [`EVACUATION_SPACING`].
+    paced: Option<(String, Instant)>,
+    /// The next paced first eviction goes no earlier than this.
+    paced_from: Instant,
+    /// The last pump held a first eviction back for the pace.
+    paced_waiting: bool,
 }
 
 impl Drain {
+    /// A first eviction of a VMI that may migrate can go now.
+    fn pace_open(&self, now: Instant) -> bool {
+        now >= self.paced_from
+            && self
+                .paced
+                .as_ref()
+                .is_none_or(|(_, at)| now >= *at + PACED_ANSWER_WAIT)
+    }
+
     /// The cordon has not landed and its grace has not run out.
     fn cordon_holds(&self, now: Instant) -> bool {
         !matches!(self.cordon, CordonState::Settled) && now < self.started + CORDON_GRACE
@@ -629,6 +657,10 @@ impl Machine {
             if self.cfg.scope == Scope::All {
                 times.push(d.others_from);
             }
+            if d.paced_waiting {
+                times.push(d.paced_from);
+                times.extend(d.paced.as_ref().map(|(_, at)| *at + PACED_ANSWER_WAIT));
+            }
             for v in self.vmis.live.values() {
                 if v.runs_on(&self.cfg.node)
                     && !d.stops.contains_key(&v.uid)
@@ -803,6 +835,13 @@ impl Machine {
                         vmi: launcher.and_then(|p| p.domain.clone()),
                         outcome: outcome.clone(),
                     });
+                    if d.paced.as_ref().is_some_and(|(uid, _)| *uid == pod.uid) {
+                        d.paced = None;
+                        d.paced_from = match outcome {
+                            EvictionOutcome::Evacuating => now + EVACUATION_SPACING,
+                            _ => now,
+                        };
+                    }
                     let t = d
                         .evictions
                         .entry(pod.uid.clone())
@@ -1086,6 +1125,9 @@ impl Machine {
             not_migratable: Vec::new(),
             inbound: HashMap::new(),
             evacuating: BTreeSet::new(),
+            paced: None,
+            paced_from: started,
+            paced_waiting: false,
         }));
         if !after_uncordon {
             fx.push(Effect::Cordon);
@@ -1148,6 +1190,19 @@ impl Machine {
             .filter_map(|(v, _)| Some((v.uid.clone(), self.launcher_of(&v.uid)?.clone())))
             .collect();
         let others_due = vmis_left.is_empty() || now >= d.others_from;
+        let unpaced: BTreeSet<String> = plan
+            .vm_pods
+            .iter()
+            .filter(|r| {
+                self.pods
+                    .live
+                    .get(&r.uid)
+                    .and_then(|p| p.created_by.as_ref())
+                    .and_then(|uid| self.vmis.live.get(uid))
+                    .is_some_and(|v| v.live_migratable == Some(false))
+            })
+            .map(|r| r.uid.clone())
+            .collect();
 
         let Phase::Draining(d) = &mut self.phase else {
             return;
@@ -1187,29 +1242,25 @@ impl Machine {
                 });
             }
         }
-        let mut send = |r: &PodRef, fx: &mut Vec<Effect>| {
-            let due = match d.evictions.get(&r.uid) {
-                None => true,
-                Some(t) => t.due(now),
-            };
-            if due {
-                let t = d
-                    .evictions
-                    .entry(r.uid.clone())
-                    .or_insert_with(Track::in_flight);
-                t.attempt = Attempt::InFlight;
-                fx.push(Effect::Evict(r.clone()));
-            }
-        };
+        // One first eviction at a time for VMIs that may migrate (see EVACUATION_SPACING);
+        // those KubeVirt has found not migratable only stop, and retries keep their backoff.
+        d.paced_waiting = false;
         for r in &plan.vm_pods {
-            send(r, fx);
+            if !d.evictions.contains_key(&r.uid) && !unpaced.contains(&r.uid) {
+                if !d.pace_open(now) {
+                    d.paced_waiting = true;
+                    continue;
+                }
+                d.paced = Some((r.uid.clone(), now));
+            }
+            send_eviction(d, r, now, fx);
         }
         if held {
             return;
         }
         if others_due {
             for r in &plan.other_pods {
-                send(r, fx);
+                send_eviction(d, r, now, fx);
             }
         }
 
@@ -1341,6 +1392,19 @@ impl Machine {
 
 /// Names an Event note lists before summarising the rest (notes are capped at 1 kB).
 const NOTE_NAMES: usize = 12;
+
+/// Sends `r`'s eviction unless one is on its way or waiting for its retry.
+fn send_eviction(d: &mut Drain, r: &PodRef, now: Instant, fx: &mut Vec<Effect>) {
+    let due = d.evictions.get(&r.uid).is_none_or(|t| t.due(now));
+    if due {
+        let t = d
+            .evictions
+            .entry(r.uid.clone())
+            .or_insert_with(Track::in_flight);
+        t.attempt = Attempt::InFlight;
+        fx.push(Effect::Evict(r.clone()));
+    }
+}
 
 fn name_list(names: &[String], max: usize) -> String {
     if names.len() <= max {

@@ -100,19 +100,83 @@ fn stops(fx: &[Effect]) -> Vec<(String, u32, StopReason)> {
 }
 
 #[test]
-fn all_launchers_evicted_at_once_after_cordon() {
+fn evictions_of_vmis_that_may_migrate_go_one_at_a_time_spaced_after_each_evacuation() {
+    let mut b = Bed::new(Scope::Vms);
+    let (a, c) = (vmi("a", NODE), vmi("c", NODE));
+    let (pa, pc) = (launcher(&a, NODE), launcher(&c, NODE));
+    b.list(&[a.clone(), c.clone()], &[pa.clone(), pc.clone()]);
+    let fx = b.start(10);
+    assert_eq!(evicts(&fx), vec!["virt-launcher-a-abcde"]);
+    assert!(released(&fx).is_none());
+    let answered = b.feed(
+        25,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::Evacuating,
+        },
+    );
+    assert!(evicts(&answered).is_empty(), "c waits for the spacing");
+    assert_eq!(
+        b.m.next_wakeup(),
+        Some(b.at(25) + EVACUATION_SPACING),
+        "the pace's end is a wakeup"
+    );
+    let early = b.feed(25 + EVACUATION_SPACING.as_millis() as u64 - 1, Input::Tick);
+    assert!(evicts(&early).is_empty());
+    let fx = b.feed(25 + EVACUATION_SPACING.as_millis() as u64, Input::Tick);
+    assert_eq!(evicts(&fx), vec!["virt-launcher-c-abcde"]);
+}
+
+#[test]
+fn an_eviction_kubevirt_lets_through_is_followed_at_once() {
+    let mut b = Bed::new(Scope::Vms);
+    let (a, c) = (vmi("a", NODE), vmi("c", NODE));
+    let (pa, pc) = (launcher(&a, NODE), launcher(&c, NODE));
+    b.list(&[a.clone(), c.clone()], &[pa.clone(), pc.clone()]);
+    assert_eq!(evicts(&b.start(10)), vec!["virt-launcher-a-abcde"]);
+    // Eviction strategy None: the VM stops, nothing for the evacuation controller to pace.
+    let fx = b.feed(
+        25,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::Evicted,
+        },
+    );
+    assert_eq!(evicts(&fx), vec!["virt-launcher-c-abcde"]);
+}
+
+#[test]
+fn vmis_known_not_migratable_are_evicted_without_the_pace() {
+    let mut b = Bed::new(Scope::Vms);
+    let mut stuck = vmi("a", NODE);
+    stuck.live_migratable = Some(false);
+    let (c, d) = (vmi("c", NODE), vmi("d", NODE));
+    b.list(
+        &[stuck.clone(), c.clone(), d.clone()],
+        &[
+            launcher(&stuck, NODE),
+            launcher(&c, NODE),
+            launcher(&d, NODE),
+        ],
+    );
+    assert_eq!(
+        evicts(&b.start(10)),
+        vec!["virt-launcher-a-abcde", "virt-launcher-c-abcde"]
+    );
+}
+
+#[test]
+fn an_unanswered_eviction_holds_the_next_one_back_for_a_bounded_time() {
     let mut b = Bed::new(Scope::Vms);
     let (a, c) = (vmi("a", NODE), vmi("c", NODE));
     b.list(
         &[a.clone(), c.clone()],
         &[launcher(&a, NODE), launcher(&c, NODE)],
     );
-    let fx = b.start(10);
-    assert_eq!(
-        evicts(&fx),
-        vec!["virt-launcher-a-abcde", "virt-launcher-c-abcde"]
-    );
-    assert!(released(&fx).is_none());
+    assert_eq!(evicts(&b.start(10)), vec!["virt-launcher-a-abcde"]);
+    assert_eq!(b.m.next_wakeup(), Some(b.at(10) + PACED_ANSWER_WAIT));
+    let fx = b.feed(10 + PACED_ANSWER_WAIT.as_millis() as u64, Input::Tick);
+    assert_eq!(evicts(&fx), vec!["virt-launcher-c-abcde"]);
 }
 
 #[test]

@@ -696,7 +696,8 @@ impl ControlPlane {
         )
     }
 
-    /// Creates namespace `name` and waits until the controller manager has given it its
+    /// Creates namespace `name` (one that exists already is used as it is: a bench cell run
+    /// again after a failed setup) and waits until the controller manager has given it its
     /// `default` ServiceAccount, so pods can be created in it.
     pub async fn create_namespace(&self, name: &str) -> Result<(), ControlPlaneError> {
         let client = self.client().await?;
@@ -707,13 +708,19 @@ impl ControlPlane {
             },
             ..Default::default()
         };
-        Api::<Namespace>::all(client)
+        match Api::<Namespace>::all(client)
             .create(&PostParams::default(), &ns)
             .await
-            .map_err(|source| ControlPlaneError::Api {
-                what: format!("create namespace {name}"),
-                source,
-            })?;
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(source) => {
+                return Err(ControlPlaneError::Api {
+                    what: format!("create namespace {name}"),
+                    source,
+                });
+            }
+        }
         let api: Api<ServiceAccount> = Api::namespaced(self.client().await?, name);
         poll_service_account(&api, name, "default", Duration::from_secs(30), || Ok(())).await
     }

@@ -9,6 +9,8 @@
 //! Pods bound to a simulated node follow kubelet's lifecycle (`pkg/kubelet/status/status_manager.go`,
 //! `pkg/kubelet/pod_workers.go`, `pkg/kubelet/kubelet_pods.go` in kubernetes/kubernetes):
 //! - a bound pod goes `Running` with the conditions, IPs and container statuses kubelet reports;
+//!   a status report the API server did not take is sent again by the status manager's periodic
+//!   sync (`syncPeriod`, 10 s) until it lands;
 //! - a graceful deletion "sends SIGTERM" and waits for the workload to exit, at most the pod's
 //!   grace period; the containers then end (exit 0 if the workload exited, 137 if killed), the
 //!   pod goes terminal (`Succeeded`/`Failed`), and, like the status manager once a terminal pod has
@@ -52,6 +54,8 @@ pub const SIGTERM_EXIT_ANNOTATION: &str = "testbed.shutdown-guard.io/exit-after-
 const LEASE_DURATION_SECONDS: i32 = 40;
 const RENEW_INTERVAL: Duration = Duration::from_secs(10);
 const LEASE_NAMESPACE: &str = "kube-node-lease";
+/// The status manager's `syncPeriod`: how soon a status update that failed is sent again.
+const STATUS_RESYNC: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeletError {
@@ -635,14 +639,12 @@ async fn run_pod(ctx: Arc<PodCtx>, uid: String, mut updates: watch::Receiver<Opt
         ctx.allocate_ip()
     };
 
+    // A report the API server did not take (a reset pooled connection, a timeout) and when
+    // it goes again; a later report replaces it.
+    let mut unsynced: Option<(serde_json::Value, Instant)> = None;
     if !is_terminal(&first) && first.metadata.deletion_timestamp.is_none() {
         let status = running_status(&first, &ctx.node_ip, &pod_ip, started, restarts);
-        if let Err(e) = pods_of(&first)
-            .patch_status(&name, &PatchParams::default(), &Patch::Strategic(status))
-            .await
-        {
-            tracing::debug!(pod = name, error = %e, "could not report Running");
-        }
+        unsynced = report_status(&pods_of(&first), &name, status, "Running").await;
     }
 
     let mut terminal = is_terminal(&first);
@@ -666,7 +668,14 @@ async fn run_pod(ctx: Arc<PodCtx>, uid: String, mut updates: watch::Receiver<Opt
             }
         }
         let sleep_until = [kill_deadline, self_exit].into_iter().flatten().min();
+        let resync_at = unsynced.as_ref().map(|(_, at)| *at).filter(|_| !terminal);
         tokio::select! {
+            _ = sleep_until_opt(resync_at), if resync_at.is_some() => {
+                if let Some((status, _)) = unsynced.take() {
+                    unsynced = report_status(&pods_of(&current), &name, status, "status").await;
+                }
+                continue;
+            }
             changed = updates.changed() => {
                 if changed.is_err() {
                     break;
@@ -696,12 +705,15 @@ async fn run_pod(ctx: Arc<PodCtx>, uid: String, mut updates: watch::Receiver<Opt
                 let condition = json!({"status": {"conditions": [{
                     "type": "DisruptionTarget", "status": "True", "reason": kill.condition_reason,
                     "message": kill.message, "lastTransitionTime": now}]}});
-                if let Err(e) = pods_of(&current)
-                    .patch_status(&name, &PatchParams::default(), &Patch::Strategic(condition))
-                    .await
-                {
-                    tracing::debug!(pod = name, error = %e, "could not report DisruptionTarget");
-                }
+                // Merged into a report still unsent, so neither is lost.
+                let condition = match unsynced.take() {
+                    Some((mut status, _)) => {
+                        merge_conditions(&mut status, &condition);
+                        status
+                    }
+                    None => condition,
+                };
+                unsynced = report_status(&pods_of(&current), &name, condition, "DisruptionTarget").await;
                 killed = Some(kill);
                 continue;
             }
@@ -717,7 +729,7 @@ async fn run_pod(ctx: Arc<PodCtx>, uid: String, mut updates: watch::Receiver<Opt
                     restarts += 1;
                     ctx.workloads.restart(&uid);
                     let status = running_status(&current, &ctx.node_ip, &pod_ip, Utc::now(), restarts);
-                    let _ = pods_of(&current).patch_status(&name, &PatchParams::default(), &Patch::Strategic(status)).await;
+                    unsynced = report_status(&pods_of(&current), &name, status, "the restart").await;
                     continue;
                 }
                 terminal = finish(&ctx, &current, &name, &pod_ip, started, restarts, code, killed.as_ref()).await;
@@ -739,6 +751,50 @@ async fn run_pod(ctx: Arc<PodCtx>, uid: String, mut updates: watch::Receiver<Opt
         }
     }
     ctx.workloads.forget(&uid);
+}
+
+/// Sends a status patch; on failure returns it with the instant of its next attempt. A pod
+/// that is gone needs no report.
+async fn report_status(
+    api: &Api<Pod>,
+    name: &str,
+    status: serde_json::Value,
+    what: &str,
+) -> Option<(serde_json::Value, Instant)> {
+    match api
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Strategic(status.clone()),
+        )
+        .await
+    {
+        Ok(_) => None,
+        Err(kube::Error::Api(s)) if s.code == 404 => None,
+        Err(e) => {
+            tracing::info!(pod = name, error = %e, "could not report {what}; the status sync sends it again");
+            Some((status, Instant::now() + STATUS_RESYNC))
+        }
+    }
+}
+
+/// Adds the conditions of `extra` to `status` (both `{"status": {...}}` patches).
+fn merge_conditions(status: &mut serde_json::Value, extra: &serde_json::Value) {
+    let add = extra["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let Some(conditions) = status["status"]
+        .as_object_mut()
+        .map(|s| s.entry("conditions").or_insert_with(|| json!([])))
+        .and_then(|c| c.as_array_mut())
+    else {
+        return;
+    };
+    for c in add {
+        conditions.retain(|old| old["type"] != c["type"]);
+        conditions.push(c);
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

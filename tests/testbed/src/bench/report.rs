@@ -68,26 +68,25 @@ pub struct Breakdown {
     pub tail: f64,
 }
 
-/// Why the ratio stays far from 1 with many VMIs, and what the agent could change, as read in
+/// Why the pace of the first evictions matters with many VMIs, and how the agent sets it, as read in
 /// KubeVirt v1.8.0's controllers and in the audit log of the cells.
-const PACING: &str = "*Why the slots stand idle, and why `kubectl drain` empties the node \
-sooner with 50 VMIs* (read in KubeVirt v1.8.0 and in the cells' audit log). The evacuation \
-controller (`pkg/virt-controller/watch/drain/evacuation/evacuation.go`) creates migrations for \
-node-1 while it counts fewer than 2 *running* outbound migrations, and otherwise re-queues \
-node-1 after 5 s; a finishing migration does not wake node-1 up (migration and VMI events \
-enqueue the VMI's current node, after the hand-over the target). shutdown-guard evicts every \
-launcher pod at once: all VMIs are marked for evacuation within half a second, the controller \
-creates 2 migrations, then wakes every 5 s and creates 2 more (45 migrations in 106 s, one pair \
-per tick, in the N = 50, 300 s cells of one run). `kubectl drain` evicts under its client-side \
-rate limit (about 5 requests/s after a burst of 10, in the audit log): its first \
-evictions trickle in over 10 s, each one marks a VMI, the VMI update wakes node-1, and the \
-controller, which does not count migrations that are still `Pending`, creates more (all 45 in \
-10 s). Those then wait in the migration controller (`pkg/virt-controller/watch/migration/\
-migration.go`), each re-checking for a free slot every 5 s on its own clock, so a freed slot is \
-taken sooner than by the node's single 5 s tick. Within the Eviction API the agent could do the \
-same on purpose: send the first evictions of migratable VMIs spaced out (the stops of VMIs that \
-will not migrate still at once), so each marking wakes the controller: the agent's next step; \
-section 1 shows the gap it would close.\n";
+const PACING: &str = "*Why the pace of the first evictions matters with many VMIs* (read in \
+KubeVirt v1.8.0 and in the cells' audit log). The evacuation controller \
+(`pkg/virt-controller/watch/drain/evacuation/evacuation.go`) creates migrations for node-1 \
+while it counts fewer than 2 *running* outbound migrations, and otherwise re-queues node-1 \
+after 5 s; a finishing migration does not wake node-1 up (migration and VMI events enqueue the \
+VMI's current node, after the hand-over the target). A burst of evictions marks every VMI \
+within half a second and wakes the controller once: it creates 2 migrations, then 2 more per \
+5 s tick (measured with shutdown-guard before it paced its evictions: 45 migrations in 106 s, \
+node-1 empty after 114 s at N = 50, 300 s). Evictions spread out wake it once each, and since \
+it does not count migrations still `Pending`, each wake creates more; those wait in the \
+migration controller (`pkg/virt-controller/watch/migration/migration.go`), each re-checking \
+for a free slot every 5 s on its own clock, so a freed slot is taken sooner than by the node's \
+single tick. `kubectl drain` gets this from client-go's rate limit (about 5 requests/s after a \
+burst of 10). shutdown-guard does it on purpose: the first eviction of each VMI that may \
+migrate waits for the answer to the previous one and, after an evacuation (429), 200 ms more; \
+an eviction KubeVirt lets through (strategy None) is followed at once, and VMIs KubeVirt has \
+found not migratable are evicted without waiting.\n";
 
 pub fn breakdown(cell: &Cell, s: &Settings) -> Option<Breakdown> {
     let p = s.bound_params();

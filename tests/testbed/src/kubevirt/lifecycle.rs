@@ -206,31 +206,45 @@ async fn sync_vmis(ctx: &Arc<Ctx>, creating: &mut HashMap<String, Instant>) -> O
         let now = Utc::now();
         match vmi.phase() {
             "" | "Pending" => {
-                if !pods.is_empty() || creating.contains_key(&uid) {
-                    continue;
-                }
-                let Some(node) = placement(ctx, &vmi) else {
-                    continue;
+                // An unprocessed VMI with a pod is Scheduling (`updateStatus`): reported when
+                // the pod is created, and again should that report not have landed.
+                let just_created = creating.contains_key(&uid);
+                let report = if !pods.is_empty() {
+                    !just_created
+                } else if just_created {
+                    false
+                } else {
+                    let Some(node) = placement(ctx, &vmi) else {
+                        continue;
+                    };
+                    creating.insert(uid, Instant::now());
+                    let pod = launcher::launcher_pod(
+                        &vmi,
+                        &node,
+                        None,
+                        ctx.opts.version.launcher_image(),
+                    );
+                    let created = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+                        .create(&PostParams::default(), &pod)
+                        .await;
+                    if let Err(e) = created {
+                        tracing::warn!(vmi = name, error = %e, "creating launcher pod failed");
+                        continue;
+                    }
+                    true
                 };
-                creating.insert(uid, Instant::now());
-                let pod =
-                    launcher::launcher_pod(&vmi, &node, None, ctx.opts.version.launcher_image());
-                let created = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
-                    .create(&PostParams::default(), &pod)
+                if report {
+                    let mut status = phase_change(&vmi, "Scheduling", now);
+                    status["launcherContainerImageVersion"] =
+                        json!(ctx.opts.version.launcher_image());
+                    update(
+                        &api,
+                        &name,
+                        json!({"status": status}),
+                        "reporting VMI Scheduling",
+                    )
                     .await;
-                if let Err(e) = created {
-                    tracing::warn!(vmi = name, error = %e, "creating launcher pod failed");
-                    continue;
                 }
-                let mut status = phase_change(&vmi, "Scheduling", now);
-                status["launcherContainerImageVersion"] = json!(ctx.opts.version.launcher_image());
-                update(
-                    &api,
-                    &name,
-                    json!({"status": status}),
-                    "reporting VMI Scheduling",
-                )
-                .await;
             }
             "Scheduling" => {
                 let Some(pod) = pods.iter().find(|p| !pod_terminal(p)) else {

@@ -35,7 +35,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -927,7 +927,56 @@ impl KubeVirtSim {
         default_node: &str,
         spec: &VmSpec,
     ) -> Result<Vec<VirtualMachineInstance>, KubeVirtError> {
-        create_vmis(&self.client, namespace, default_node, spec).await
+        match create_vmis(&self.client, namespace, default_node, spec).await {
+            // What the simulator's own caches held, next to the API server's record: a start
+            // that stalls is either a step the simulator did not take or one it did not see.
+            Err(KubeVirtError::Timeout(what)) => Err(KubeVirtError::Timeout(format!(
+                "{what}; the simulator's cache: {}",
+                self.cached_not_running(namespace)
+            ))),
+            other => other,
+        }
+    }
+
+    fn cached_not_running(&self, namespace: &str) -> String {
+        let ctx = &self.ctx;
+        let stalled: Vec<String> = ctx
+            .vmis
+            .state()
+            .iter()
+            .filter(|v| v.metadata.namespace.as_deref() == Some(namespace))
+            .filter(|v| v.phase() != "Running")
+            .map(|v| {
+                let transitions = v
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.rest.get("phaseTransitionTimestamps"))
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
+                let pods: Vec<String> = ctx
+                    .pods_of(v)
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{} {}",
+                            p.metadata.name.as_deref().unwrap_or_default(),
+                            lifecycle::pod_phase(p)
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{} phase {:?} transitions {transitions} pods [{}]",
+                    v.metadata.name.as_deref().unwrap_or_default(),
+                    v.phase(),
+                    pods.join(", ")
+                )
+            })
+            .collect();
+        if stalled.is_empty() {
+            "every VMI Running".into()
+        } else {
+            stalled.join("; ")
+        }
     }
 }
 
@@ -1043,12 +1092,66 @@ pub async fn create_vmis(
                 },
             ),
         )
-        .await
-        .map_err(|_| KubeVirtError::Timeout(format!("VMI {namespace}/{name} to run")))?
-        .map_err(|e| KubeVirtError::Wait(e.to_string()))?;
+        .await;
+        let Ok(vmi) = vmi else {
+            let seen = where_it_stands(client, namespace, &name).await;
+            return Err(KubeVirtError::Timeout(format!(
+                "VMI {namespace}/{name} to run ({seen})"
+            )));
+        };
+        let vmi = vmi.map_err(|e| KubeVirtError::Wait(e.to_string()))?;
         out.extend(vmi);
     }
     Ok(out)
+}
+
+/// The API server's record of a VMI that did not start and of its pods, for the error: which
+/// step of the start (pod created, pod Running, VMI Scheduled) did not happen.
+async fn where_it_stands(client: &Client, namespace: &str, name: &str) -> String {
+    let vmi = Api::<VirtualMachineInstance>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await;
+    let (phase, uid) = match &vmi {
+        Ok(Some(v)) => {
+            let status = v.status.as_ref();
+            let transitions = status
+                .and_then(|s| s.rest.get("phaseTransitionTimestamps"))
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            (
+                format!(
+                    "phase {:?} on {:?}, transitions {transitions}",
+                    v.phase(),
+                    v.node_name()
+                ),
+                v.metadata.uid.clone().unwrap_or_default(),
+            )
+        }
+        Ok(None) => return "the VMI is gone".into(),
+        Err(e) => return format!("reading the VMI failed: {e}"),
+    };
+    let selector = format!("{}={uid}", launcher::CREATED_BY_LABEL);
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels(&selector))
+        .await;
+    let pods = match pods {
+        Ok(list) if list.items.is_empty() => "no launcher pod".to_owned(),
+        Ok(list) => list
+            .items
+            .iter()
+            .map(|p| {
+                format!(
+                    "pod {} on {:?} phase {:?}",
+                    p.metadata.name.as_deref().unwrap_or_default(),
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()),
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        Err(e) => format!("listing its pods failed: {e}"),
+    };
+    format!("{phase}; {pods}")
 }
 
 #[cfg(test)]
