@@ -1102,3 +1102,177 @@ async fn drain_on_demand_dry_run_changes_nothing_and_uncordon_is_careful() {
 
     bed.shutdown().await.expect("teardown");
 }
+
+/// The agent's Events on node-1 with `reason`, oldest first.
+async fn node_events_with(client: &Client, reason: &str) -> Vec<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(client.clone());
+    let list = events.list(&ListParams::default()).await.expect("events");
+    let mut ours: Vec<_> = list
+        .items
+        .into_iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some("shutdown-guard"))
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(NODE))
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .collect();
+    ours.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    ours.into_iter().filter_map(|e| e.note).collect()
+}
+
+/// `shutdown -r +10` as logind takes it, then `shutdown -c`: the agent's `/status`, metric
+/// and Events follow both, read from logind's `ScheduledShutdown` (announced by systemd 257,
+/// read every 10 s on 252 and elogind, which announce nothing), and nothing is drained.
+async fn a_scheduled_reboot_is_reported_and_its_cancel_too(logind: LogindKind) {
+    use testbed::logind::schedule::{
+        cancel_scheduled_shutdown, schedule_shutdown, scheduled_shutdown,
+    };
+    let bed = start_bed(BedOptions {
+        logind,
+        ..BedOptions::default()
+    })
+    .await;
+    let client = bed.client();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = Agent::spawn(&bed, &["--listen-address", &addr]).await;
+    wait_for_lock(&bed, &agent, Duration::from_secs(30)).await;
+    wait_http(port, "/healthz", 200, Duration::from_secs(10)).await;
+
+    // Whole seconds, as `shutdown -r HH:MM` gives, so /status's RFC 3339 time shows it exactly.
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(now_s + 600);
+    let at_text = humantime::format_rfc3339_seconds(at).to_string();
+    {
+        let node = bed.node(NODE).unwrap();
+        let guard = node.logind().read().await;
+        schedule_shutdown(&guard, "reboot", at)
+            .await
+            .expect("logind schedules the reboot");
+        assert_eq!(
+            scheduled_shutdown(&guard).await.unwrap(),
+            ("reboot".to_owned(), (now_s + 600) * 1_000_000),
+            "logind's own record of the schedule"
+        );
+    }
+    let scheduled =
+        testbed::wait::until(Duration::from_secs(30), Duration::from_millis(200), || {
+            let addr = addr.clone();
+            async move {
+                let s = shutdown_guard::cli::status::fetch_agent(&addr).await.ok()?;
+                s.scheduled_shutdown
+            }
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "/status never showed the scheduled reboot; agent log:\n{}",
+                agent.log_text()
+            )
+        });
+    assert_eq!(scheduled.r#type, "reboot");
+    assert_eq!(scheduled.at, at_text, "the time logind has");
+    let metrics = wait_http(port, "/metrics", 200, Duration::from_secs(5)).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "shutdown_guard_scheduled_shutdown_timestamp_seconds",
+            ""
+        ),
+        Some((now_s + 600) as f64)
+    );
+    let kc = bed.kubeconfig_path().to_path_buf();
+    let st = on_machine(&kc, &["status", "--node", NODE, "--agent", &addr]).await;
+    assert!(
+        st.stdout.contains(&format!("reboot at {at_text} (logind)")),
+        "{}",
+        st.stdout
+    );
+    let noted = testbed::wait::until(Duration::from_secs(10), Duration::from_millis(200), || {
+        let client = client.clone();
+        async move {
+            let e = node_events_with(&client, "ShutdownScheduled").await;
+            (!e.is_empty()).then_some(e)
+        }
+    })
+    .await
+    .expect("a ShutdownScheduled Event on node-1");
+    assert!(
+        noted[0].contains("reboot") && noted[0].contains(&at_text),
+        "{noted:?}"
+    );
+
+    {
+        let node = bed.node(NODE).unwrap();
+        let guard = node.logind().read().await;
+        assert!(
+            cancel_scheduled_shutdown(&guard)
+                .await
+                .expect("shutdown -c")
+        );
+        assert_eq!(
+            scheduled_shutdown(&guard).await.unwrap().0,
+            "",
+            "logind cancelled it"
+        );
+    }
+    let gone = testbed::wait::until(Duration::from_secs(30), Duration::from_millis(200), || {
+        let addr = addr.clone();
+        async move {
+            let s = shutdown_guard::cli::status::fetch_agent(&addr).await.ok()?;
+            s.scheduled_shutdown.is_none().then_some(())
+        }
+    })
+    .await;
+    assert!(gone.is_some(), "/status still shows the cancelled reboot");
+    let metrics = wait_http(port, "/metrics", 200, Duration::from_secs(5)).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "shutdown_guard_scheduled_shutdown_timestamp_seconds",
+            ""
+        ),
+        Some(0.0)
+    );
+    let gone_events =
+        testbed::wait::until(Duration::from_secs(10), Duration::from_millis(200), || {
+            let client = client.clone();
+            async move {
+                let e = node_events_with(&client, "ScheduledShutdownGone").await;
+                (!e.is_empty()).then_some(e)
+            }
+        })
+        .await
+        .expect("a ScheduledShutdownGone Event on node-1");
+    assert!(gone_events[0].contains(&at_text), "{gone_events:?}");
+
+    // A schedule is not a shutdown: the lock is still held and nothing was drained.
+    let node: Node = Api::<Node>::all(client.clone()).get(NODE).await.unwrap();
+    assert_ne!(
+        node.spec.and_then(|s| s.unschedulable),
+        Some(true),
+        "node-1 was cordoned for a schedule"
+    );
+    let status = shutdown_guard::cli::status::fetch_agent(&addr)
+        .await
+        .unwrap();
+    assert!(status.lock_held, "the lock went with the schedule");
+    drop(agent);
+    bed.shutdown().await.expect("teardown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scheduled_reboot_is_reported_and_its_cancel_too_systemd_257() {
+    a_scheduled_reboot_is_reported_and_its_cancel_too(LogindKind::Systemd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scheduled_reboot_is_reported_and_its_cancel_too_systemd_252() {
+    a_scheduled_reboot_is_reported_and_its_cancel_too(LogindKind::SystemdBookworm).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scheduled_reboot_is_reported_and_its_cancel_too_elogind() {
+    a_scheduled_reboot_is_reported_and_its_cancel_too(LogindKind::Elogind).await;
+}

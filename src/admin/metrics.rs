@@ -55,6 +55,8 @@ pub struct Metrics {
     /// One series, labelled with the last drain's outcome: when it ended.
     pub last_drain_timestamp: Family<OutcomeLabel, Gauge<f64, AtomicU64>>,
     pub last_drain_vmis: Family<ResultLabel, Gauge>,
+    /// When logind's scheduled shutdown is due, 0 without one.
+    pub scheduled_shutdown: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -82,8 +84,14 @@ impl Metrics {
             safety_margin: Gauge::default(),
             last_drain_timestamp: Family::default(),
             last_drain_vmis: Family::default(),
+            scheduled_shutdown: Gauge::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "scheduled_shutdown_timestamp_seconds",
+            "When the shutdown logind has scheduled is due (shutdown -r +N, unattended-upgrades), 0 when none is",
+            m.scheduled_shutdown.clone(),
+        );
         registry.register(
             "lock_held",
             "1 while the logind delay inhibitor lock is held",

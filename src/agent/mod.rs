@@ -112,6 +112,7 @@ fn input_of(m: Tell) -> Input {
         Tell::Delay(d) => Input::DelayMax(d),
         Tell::Shutdown { start, kind } => Input::Shutdown { start, kind },
         Tell::Resume { kind, elapsed } => Input::Resume { kind, elapsed },
+        Tell::Schedule(s) => Input::Schedule(s),
     }
 }
 
@@ -167,12 +168,15 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
     let mut lines = BufReader::new(reader).lines();
     spawn_heartbeat(writer.clone());
 
-    // Nothing talks to the API server before the holder says where logind stands.
+    // Nothing talks to the API server before the holder says where logind stands. A schedule
+    // told meanwhile is kept for after.
+    let mut schedule: Option<Tell> = None;
     let first = loop {
         match lines.next_line().await.map_err(RunError::Link)? {
             None => return Ok(Exit::Terminated),
             Some(l) => match l.parse::<Tell>() {
                 Ok(m @ (Tell::Lock { .. } | Tell::NoLock { .. })) => break m,
+                Ok(m @ Tell::Schedule(_)) => schedule = Some(m),
                 Ok(other) => warn!(node = %node, message = %other, "before the lock; ignored"),
                 Err(e) => warn!(node = %node, error = %e, "ignoring the holder's line"),
             },
@@ -216,6 +220,9 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
     )
     .with_idle_watches(clients.idle_watches);
     driver.feed(input_of(first));
+    if let Some(m) = schedule {
+        driver.feed(input_of(m));
+    }
 
     let tx = driver.sender();
     let metrics = admin.metrics.clone();

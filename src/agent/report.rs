@@ -2,14 +2,17 @@
 //! last-shutdown record, Events on the Node and on the VMIs it stops, and its `/status` view —
 //! all from the step the driver hands over, never by asking the machine again.
 
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use chrono::{DateTime, Utc};
 
 use crate::admin::AdminState;
 use crate::drain::machine::{DrainEnd, EndReason, Note, PhaseLabel, ReleaseReason, Snapshot};
+use crate::drain::model::Schedule;
 use crate::drain::progress::{VmiState, round_ms};
-use crate::drain::report::{AgentPhase, DrainStatus, LastShutdown, ShutdownOutcome};
+use crate::drain::report::{
+    AgentPhase, DrainStatus, LastShutdown, ScheduledStatus, ShutdownOutcome,
+};
 use crate::driver::{Reporter, Step, keys};
 use crate::kube::condition::{GuardState, rfc3339};
 use crate::kube::events::{Report, Reports};
@@ -104,6 +107,37 @@ impl AgentReporter {
         m.last_drain(&last);
         self.admin.update(|s| s.last_shutdown = Some(last.clone()));
         self.reports.send(Report::LastShutdown(last));
+    }
+}
+
+impl AgentReporter {
+    fn scheduled(&self, now: Option<&Schedule>, was: Option<&Schedule>) {
+        let at = |s: &Schedule| rfc3339(DateTime::<Utc>::from(s.at));
+        let due = now.map_or(0.0, |s| {
+            s.at.duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64()
+        });
+        self.admin.metrics.scheduled_shutdown.set(due);
+        match (now, was) {
+            (Some(s), _) => self.reports.node_event(
+                false,
+                "ShutdownScheduled",
+                "Schedule",
+                format!("logind has a {} scheduled for {}", s.kind, at(s)),
+            ),
+            (None, Some(w)) => self.reports.node_event(
+                false,
+                "ScheduledShutdownGone",
+                "Schedule",
+                format!(
+                    "the {} scheduled for {} is no longer scheduled (cancelled, or begun)",
+                    w.kind,
+                    at(w)
+                ),
+            ),
+            (None, None) => {}
+        }
     }
 }
 
@@ -204,6 +238,7 @@ impl Reporter for AgentReporter {
                     self.reports.node_event(true, reason, "Drain", note.clone())
                 }
                 Note::Ended(end) => self.ended(end, snap),
+                Note::Scheduled { now, was } => self.scheduled(now.as_ref(), was.as_ref()),
                 _ => {}
             }
         }
@@ -226,9 +261,14 @@ impl Reporter for AgentReporter {
             PhaseLabel::Released => AgentPhase::Released,
         };
         let delay = self.admin.metrics.inhibit_delay_max.get();
+        let scheduled = snap.scheduled.as_ref().map(|sch| ScheduledStatus {
+            r#type: sch.kind.clone(),
+            at: rfc3339(DateTime::<Utc>::from(sch.at)),
+        });
         self.admin.update(|s| {
             s.lock_held = snap.lock_held;
             s.phase = phase;
+            s.scheduled_shutdown = scheduled;
             s.inhibit_delay_max_s = Some(delay);
             if drain.is_some() {
                 s.drain = drain;

@@ -214,6 +214,13 @@ pub fn render_text(s: &NodeStatus) -> String {
         (None, Some(e)) => row(&mut out, "AGENT", format!("no answer ({e})")),
         _ => {}
     }
+    if let Some(sch) = s.agent.as_ref().and_then(|a| a.scheduled_shutdown.as_ref()) {
+        row(
+            &mut out,
+            "SCHEDULED",
+            format!("{} at {} (logind)", sch.r#type, sch.at),
+        );
+    }
     if let Some(d) = s.agent.as_ref().and_then(|a| a.drain.as_ref()) {
         out.push_str(&format!(
             "\nDRAIN ({}, {:.1}s of {:.0}s)\n",

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::eviction::backoff;
 use super::machine::budget_of;
+use super::model::Schedule;
 
 /// What the keeper is run with.
 #[derive(Debug, Clone)]
@@ -52,6 +53,8 @@ pub enum KeeperInput {
     WorkerRetake,
     /// logind's `PreparingForShutdown`, asked after a release.
     Preparing(bool),
+    /// logind's `ScheduledShutdown` changed (or was read for the first time).
+    Scheduled(Option<Schedule>),
     Tick,
     Terminate,
 }
@@ -78,6 +81,8 @@ pub enum Tell {
         kind: Option<String>,
         elapsed: Duration,
     },
+    /// The shutdown logind has scheduled, or none.
+    Schedule(Option<Schedule>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +126,8 @@ pub struct Keeper {
     last_heard: Option<Instant>,
     next_ask: Option<Instant>,
     terminating: bool,
+    /// What logind has scheduled, for every worker to know.
+    schedule: Option<Schedule>,
     now: Option<Instant>,
 }
 
@@ -138,6 +145,7 @@ impl Keeper {
             last_heard: None,
             next_ask: None,
             terminating: false,
+            schedule: None,
             now: None,
         }
     }
@@ -260,6 +268,9 @@ impl Keeper {
                 elapsed: now.saturating_duration_since(d.started),
             }));
         }
+        if self.schedule.is_some() {
+            fx.push(KeeperEffect::Tell(Tell::Schedule(self.schedule.clone())));
+        }
         fx
     }
 
@@ -363,6 +374,12 @@ impl Keeper {
                     } else {
                         fx.extend(self.rearm());
                     }
+                }
+            }
+            KeeperInput::Scheduled(schedule) => {
+                if schedule != self.schedule {
+                    self.schedule = schedule.clone();
+                    fx.push(KeeperEffect::Tell(Tell::Schedule(schedule)));
                 }
             }
             KeeperInput::Tick => {}
@@ -606,5 +623,36 @@ mod tests {
             k.handle(now, KeeperInput::Tick);
             k.handle(now, KeeperInput::WorkerAlive);
         }
+    }
+
+    #[test]
+    fn the_schedule_goes_to_the_worker_when_it_changes_and_to_every_new_worker() {
+        let (mut k, t0) = keeper();
+        let reboot = Schedule {
+            kind: "reboot".into(),
+            at: std::time::UNIX_EPOCH + S(1_796_031_672),
+        };
+        let told = |fx: &[KeeperEffect]| -> Vec<Tell> {
+            fx.iter()
+                .filter_map(|e| match e {
+                    KeeperEffect::Tell(t @ Tell::Schedule(_)) => Some(t.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let fx = k.handle(t0, KeeperInput::Scheduled(Some(reboot.clone())));
+        assert_eq!(told(&fx), vec![Tell::Schedule(Some(reboot.clone()))]);
+        // The same reading again (the poll) says nothing new.
+        assert!(told(&k.handle(t0, KeeperInput::Scheduled(Some(reboot.clone())))).is_empty());
+        k.handle(t0, KeeperInput::WorkerExited);
+        let fx = k.handle(t0, KeeperInput::WorkerStarted);
+        assert_eq!(told(&fx), vec![Tell::Schedule(Some(reboot))]);
+        // Cancelled: said once; a new worker then hears nothing of it.
+        assert_eq!(
+            told(&k.handle(t0, KeeperInput::Scheduled(None))),
+            vec![Tell::Schedule(None)]
+        );
+        k.handle(t0, KeeperInput::WorkerExited);
+        assert!(told(&k.handle(t0, KeeperInput::WorkerStarted)).is_empty());
     }
 }

@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use super::eviction::{EvictionOutcome, EvictionState, backoff};
-use super::model::{DEFAULT_GRACE_SECONDS, MigrationJob, ObjKey, PodInfo, PodRef, Scope, VmiInfo};
+use super::model::{
+    DEFAULT_GRACE_SECONDS, MigrationJob, ObjKey, PodInfo, PodRef, Schedule, Scope, VmiInfo,
+};
 use super::plan::{self, Plan};
 use super::progress::{Progress, VmiProgress, VmiState};
 
@@ -117,6 +119,8 @@ pub enum Input {
     Tick,
     /// SIGTERM or SIGINT.
     Terminate,
+    /// The shutdown logind has scheduled, or none (the holder tells every change).
+    Schedule(Option<Schedule>),
 }
 
 /// Why the drain let the shutdown go on.
@@ -249,6 +253,12 @@ pub enum Note {
     },
     /// The drain is over: released (empty or deadline) or cancelled.
     Ended(DrainEnd),
+    /// logind scheduled a shutdown (`now`), or the one it had (`was`) is gone: cancelled, or
+    /// become the shutdown under way.
+    Scheduled {
+        now: Option<Schedule>,
+        was: Option<Schedule>,
+    },
 }
 
 /// A graceful stop the API server accepted: which VMI, with what grace period, and why.
@@ -317,6 +327,7 @@ pub struct Snapshot {
     pub lock_held: bool,
     pub delay_max: Option<Duration>,
     pub drain: Option<DrainView>,
+    pub scheduled: Option<Schedule>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -505,6 +516,8 @@ pub struct Machine {
     uncordon: Option<Track>,
     /// logind refused us a lock (told once).
     lock_refused: bool,
+    /// The shutdown logind has scheduled.
+    scheduled: Option<Schedule>,
     /// The instant of the last input: wake-ups are always after it.
     now: Option<Instant>,
 }
@@ -533,6 +546,7 @@ impl Machine {
             released_now: None,
             uncordon: None,
             lock_refused: false,
+            scheduled: None,
             now: None,
         }
     }
@@ -565,6 +579,7 @@ impl Machine {
                     .map(ToString::to_string)
                     .collect(),
             }),
+            scheduled: self.scheduled.clone(),
         }
     }
 
@@ -930,6 +945,12 @@ impl Machine {
                 }
             }
             Input::Tick => {}
+            Input::Schedule(schedule) => {
+                if schedule != self.scheduled {
+                    let was = std::mem::replace(&mut self.scheduled, schedule.clone());
+                    self.notes.push(Note::Scheduled { now: schedule, was });
+                }
+            }
             Input::Terminate => {
                 let draining = matches!(self.phase, Phase::Draining(_));
                 fx.push(Effect::Exit {

@@ -1218,3 +1218,30 @@ fn hotplug_pods_are_not_evicted_while_their_vm_runs() {
     let fx = b.feed(12_500, Input::Tick);
     assert!(evicts(&fx).is_empty(), "{fx:?}");
 }
+
+#[test]
+fn a_scheduled_shutdown_is_noted_once_per_change_and_shown_in_the_snapshot() {
+    let mut b = Bed::new(Scope::Vms);
+    let reboot = crate::drain::model::Schedule {
+        kind: "reboot".into(),
+        at: std::time::UNIX_EPOCH + Duration::from_secs(1_796_031_672),
+    };
+    let scheduled = |m: &mut Machine| -> Vec<(Option<String>, Option<String>)> {
+        m.take_notes()
+            .into_iter()
+            .filter_map(|n| match n {
+                Note::Scheduled { now, was } => Some((now.map(|s| s.kind), was.map(|s| s.kind))),
+                _ => None,
+            })
+            .collect()
+    };
+    b.m.take_notes();
+    b.feed(10, Input::Schedule(Some(reboot.clone())));
+    assert_eq!(scheduled(&mut b.m), vec![(Some("reboot".into()), None)]);
+    assert_eq!(b.m.snapshot(b.at(10)).scheduled, Some(reboot.clone()));
+    b.feed(20, Input::Schedule(Some(reboot)));
+    assert!(scheduled(&mut b.m).is_empty(), "the same schedule again");
+    b.feed(30, Input::Schedule(None));
+    assert_eq!(scheduled(&mut b.m), vec![(None, Some("reboot".into()))]);
+    assert_eq!(b.m.snapshot(b.at(30)).scheduled, None);
+}

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::SystemTime;
 
 /// KubeVirt's label and annotation names (`staging/src/kubevirt.io/api/core/v1/types.go`).
 pub const LAUNCHER_APP_LABEL: &str = "kubevirt.io";
@@ -20,6 +21,14 @@ pub const HOTPLUG_APP_VALUE: &str = "hotplug-disk";
 pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 /// Kubernetes' default `terminationGracePeriodSeconds`.
 pub const DEFAULT_GRACE_SECONDS: u32 = 30;
+
+/// A shutdown logind has scheduled (`shutdown -r +10`, unattended-upgrades'
+/// `Automatic-Reboot-Time`): its type (`reboot`, `poweroff`, …) and when it is due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    pub kind: String,
+    pub at: SystemTime,
+}
 
 /// Which pods a drain evicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -99,6 +99,17 @@ pub struct AgentStatus {
     pub drain_budget_s: Option<f64>,
     pub drain: Option<DrainStatus>,
     pub last_shutdown: Option<LastShutdown>,
+    /// The shutdown logind has scheduled, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_shutdown: Option<ScheduledStatus>,
+}
+
+/// A scheduled shutdown as `/status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScheduledStatus {
+    pub r#type: String,
+    /// When it is due, RFC 3339.
+    pub at: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -4,9 +4,10 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use crate::drain::keeper::Tell;
+use crate::drain::model::Schedule;
 
 /// The file descriptor number the worker finds the link at, and the kubeconfig's (when the
 /// holder hands one over: the worker may not be allowed to read the file itself).
@@ -63,6 +64,13 @@ impl fmt::Display for Tell {
             Tell::Resume { kind, elapsed } => {
                 write!(f, "resume {} {}", word(kind), ms(elapsed))
             }
+            Tell::Schedule(None) => f.write_str("schedule -"),
+            Tell::Schedule(Some(s)) => write!(
+                f,
+                "schedule {} {}",
+                word(&Some(s.kind.clone())),
+                ms(&s.at.duration_since(UNIX_EPOCH).unwrap_or_default())
+            ),
         }
     }
 }
@@ -106,6 +114,13 @@ impl FromStr for Tell {
                     elapsed: ms(w.next())?,
                 }
             }
+            Some("schedule") => match kind_of(w.next().ok_or_else(err)?) {
+                None => Tell::Schedule(None),
+                Some(kind) => Tell::Schedule(Some(Schedule {
+                    kind,
+                    at: UNIX_EPOCH + ms(w.next())?,
+                })),
+            },
             _ => return Err(err()),
         };
         match w.next() {
@@ -168,6 +183,11 @@ mod tests {
                 kind: None,
                 elapsed: Duration::from_millis(1234),
             },
+            Tell::Schedule(Some(Schedule {
+                kind: "reboot".into(),
+                at: UNIX_EPOCH + Duration::from_millis(1_796_031_672_262),
+            })),
+            Tell::Schedule(None),
         ];
         for m in all {
             assert_eq!(m.to_string().parse::<ToWorker>(), Ok(m.clone()), "{m}");
@@ -204,6 +224,9 @@ mod tests {
             "shutdown 1",
             "resume - -1",
             "lost x",
+            "schedule",
+            "schedule reboot",
+            "schedule - 5",
         ] {
             assert!(bad.parse::<ToWorker>().is_err(), "{bad:?}");
         }

@@ -110,6 +110,7 @@ pub async fn run(settings: Settings, worker_args: Vec<OsString>) -> Result<(), H
     info!(node = %node, listen = ?settings.link_socket, "holder starting");
 
     let (ltx, mut lrx) = mpsc::unbounded_channel();
+    crate::host::schedule::spawn(node.clone(), ltx.clone());
     let lock = logind::spawn(node.clone(), ltx);
     let mut keeper = Keeper::new(KeeperConfig {
         safety_margin: settings.safety_margin,
@@ -288,6 +289,7 @@ fn logind_inputs(
             v
         }
         LogindEvent::Preparing(p) => vec![KeeperInput::Preparing(p)],
+        LogindEvent::Scheduled(s) => vec![KeeperInput::Scheduled(s)],
     }
 }
 

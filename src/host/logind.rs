@@ -17,6 +17,8 @@ use tracing::{debug, info, warn};
 use zbus::Connection;
 use zbus::zvariant::OwnedValue;
 
+use crate::drain::model::Schedule;
+
 #[zbus::proxy(
     interface = "org.freedesktop.login1.Manager",
     default_service = "org.freedesktop.login1",
@@ -51,6 +53,12 @@ pub trait Manager {
 
     #[zbus(property(emits_changed_signal = "false"))]
     fn preparing_for_shutdown(&self) -> zbus::Result<bool>;
+
+    /// `(type, usec since the epoch)` of a scheduled shutdown; followed by
+    /// [`crate::host::schedule`], which subscribes to its changes itself (systemd 257 announces
+    /// them, 252 and elogind do not).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn scheduled_shutdown(&self) -> zbus::Result<(String, u64)>;
 }
 
 #[zbus::proxy(
@@ -94,6 +102,8 @@ pub enum LogindEvent {
     },
     /// `PreparingForShutdown`, as asked with [`LockControl::ask_preparing`].
     Preparing(bool),
+    /// `ScheduledShutdown` changed: a shutdown is now scheduled, or none is any more.
+    Scheduled(Option<Schedule>),
 }
 
 /// logind's answer to `Inhibit` while the shutdown it would hold is already delayed.
@@ -114,9 +124,9 @@ pub enum LogindError {
 
 /// A bus that accepts calls but never answers (a dbus-daemon mid-restart) must not wedge the
 /// agent: every call gets this long, then the session starts over.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn bounded<T, E: Into<LogindError>>(
+pub(crate) async fn bounded<T, E: Into<LogindError>>(
     what: &'static str,
     f: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, LogindError> {

@@ -28,6 +28,7 @@ use crate::process::ProcessError;
 pub mod elogind;
 mod node;
 pub mod release;
+pub mod schedule;
 pub mod systemd;
 
 pub use elogind::{Elogind, ElogindOptions};
@@ -232,9 +233,12 @@ pub(crate) async fn name_has_owner(
         .map_err(LogindError::bus("NameHasOwner reply"))
 }
 
-/// Reads `InhibitDelayMaxUSec` without any property cache: logind does not announce changes
-/// of it, so a cached value would go stale after a reload.
-pub(crate) async fn read_inhibit_delay_max(address: &str) -> Result<Duration, LogindError> {
+/// Reads a property of logind's Manager without any property cache (logind announces changes
+/// of few of them).
+pub(crate) async fn manager_property(
+    address: &str,
+    name: &str,
+) -> Result<zbus::zvariant::OwnedValue, LogindError> {
     let conn = connect(address).await?;
     let reply = conn
         .call_method(
@@ -242,14 +246,20 @@ pub(crate) async fn read_inhibit_delay_max(address: &str) -> Result<Duration, Lo
             LOGIN1_PATH,
             Some("org.freedesktop.DBus.Properties"),
             "Get",
-            &(LOGIN1_MANAGER, "InhibitDelayMaxUSec"),
+            &(LOGIN1_MANAGER, name),
         )
         .await
-        .map_err(LogindError::bus("Get InhibitDelayMaxUSec"))?;
-    let value: zbus::zvariant::OwnedValue = reply
+        .map_err(LogindError::bus(format!("Get {name}")))?;
+    reply
         .body()
         .deserialize()
-        .map_err(LogindError::bus("InhibitDelayMaxUSec reply"))?;
+        .map_err(LogindError::bus(format!("{name} reply")))
+}
+
+/// Reads `InhibitDelayMaxUSec`: logind does not announce changes of it, so a cached value
+/// would go stale after a reload.
+pub(crate) async fn read_inhibit_delay_max(address: &str) -> Result<Duration, LogindError> {
+    let value = manager_property(address, "InhibitDelayMaxUSec").await?;
     let usec = u64::try_from(value).map_err(|e| LogindError::Bus {
         context: "InhibitDelayMaxUSec is not a u64".into(),
         source: Box::new(e.into()),
