@@ -86,7 +86,11 @@ single tick. `kubectl drain` gets this from client-go's rate limit (about 5 requ
 burst of 10). shutdown-guard does it on purpose: the first eviction of each VMI that may \
 migrate waits for the answer to the previous one and, after an evacuation (429), 200 ms more; \
 an eviction KubeVirt lets through (strategy None) is followed at once, and VMIs KubeVirt has \
-found not migratable are evicted without waiting.\n";
+found not migratable are evicted without waiting. What is left is KubeVirt's: a pending \
+migration looks for a free slot every 5 s, so a slot a finishing migration frees stays idle \
+until the next look, the longer the fewer migrations still wait; with the \
+`MigrationPriorityQueue` feature gate (alpha in 1.7, beta in 1.8, off unless enabled) a \
+finishing migration wakes the pending ones at once.\n";
 
 pub fn breakdown(cell: &Cell, s: &Settings) -> Option<Breakdown> {
     let p = s.bound_params();
