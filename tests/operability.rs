@@ -1118,6 +1118,20 @@ async fn node_events_with(client: &Client, reason: &str) -> Vec<String> {
     ours.into_iter().filter_map(|e| e.note).collect()
 }
 
+/// Waits (10 s at most) for the agent's Events on node-1 with `reason`; their notes.
+async fn wait_node_events(client: &Client, reason: &str) -> Vec<String> {
+    testbed::wait::until(
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || async {
+            let e = node_events_with(client, reason).await;
+            (!e.is_empty()).then_some(e)
+        },
+    )
+    .await
+    .unwrap_or_else(|| panic!("no {reason} Event on node-1"))
+}
+
 /// `shutdown -r +10` as logind takes it, then `shutdown -c`: the agent's `/status`, metric
 /// and Events follow both, read from logind's `ScheduledShutdown` (announced by systemd 257,
 /// read every 10 s on 252 and elogind, which announce nothing), and nothing is drained.
@@ -1189,15 +1203,7 @@ async fn a_scheduled_reboot_is_reported_and_its_cancel_too(logind: LogindKind) {
         "{}",
         st.stdout
     );
-    let noted = testbed::wait::until(Duration::from_secs(10), Duration::from_millis(200), || {
-        let client = client.clone();
-        async move {
-            let e = node_events_with(&client, "ShutdownScheduled").await;
-            (!e.is_empty()).then_some(e)
-        }
-    })
-    .await
-    .expect("a ShutdownScheduled Event on node-1");
+    let noted = wait_node_events(&client, "ShutdownScheduled").await;
     assert!(
         noted[0].contains("reboot") && noted[0].contains(&at_text),
         "{noted:?}"
@@ -1235,16 +1241,7 @@ async fn a_scheduled_reboot_is_reported_and_its_cancel_too(logind: LogindKind) {
         ),
         Some(0.0)
     );
-    let gone_events =
-        testbed::wait::until(Duration::from_secs(10), Duration::from_millis(200), || {
-            let client = client.clone();
-            async move {
-                let e = node_events_with(&client, "ScheduledShutdownGone").await;
-                (!e.is_empty()).then_some(e)
-            }
-        })
-        .await
-        .expect("a ScheduledShutdownGone Event on node-1");
+    let gone_events = wait_node_events(&client, "ScheduledShutdownGone").await;
     assert!(gone_events[0].contains(&at_text), "{gone_events:?}");
 
     // A schedule is not a shutdown: the lock is still held and nothing was drained.

@@ -108,9 +108,7 @@ impl AgentReporter {
         self.admin.update(|s| s.last_shutdown = Some(last.clone()));
         self.reports.send(Report::LastShutdown(last));
     }
-}
 
-impl AgentReporter {
     fn scheduled(&self, now: Option<&Schedule>, was: Option<&Schedule>) {
         let at = |s: &Schedule| rfc3339(DateTime::<Utc>::from(s.at));
         let due = now.map_or(0.0, |s| {
