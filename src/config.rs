@@ -50,6 +50,20 @@ pub struct Settings {
     /// How long a drain is wanted to take at most; logind's delay should be at least this long.
     #[serde(with = "duration")]
     pub drain_budget: Duration,
+    /// Drain ahead of a shutdown logind has scheduled (`shutdown -r +N`), so the node is empty
+    /// when it fires.
+    #[serde(with = "text")]
+    pub pre_drain: bool,
+    /// How long before the scheduled time the pre-drain starts [default: drain_budget].
+    #[serde(with = "opt_duration")]
+    pub pre_drain_lead: Option<Duration>,
+    /// Taint the Node `shutdown-guard.kubevirt.io/reboot-pending:PreferNoSchedule` while a
+    /// reboot is pending, so migrations from other nodes prefer nodes that stay up.
+    #[serde(with = "text")]
+    pub reboot_pending_taint: bool,
+    /// The distribution's "reboot required" marker (Debian, Ubuntu); empty: none is read.
+    #[serde(with = "opt_path")]
+    pub reboot_required_file: Option<PathBuf>,
     /// Write a logind drop-in raising `InhibitDelayMaxSec` to `drain_budget + safety_margin`.
     #[serde(with = "text")]
     pub write_logind_dropin: bool,
@@ -84,6 +98,14 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// How long before a scheduled shutdown the node is drained; `None` with `pre_drain` off.
+    /// The default gives the pre-drain the whole time a drain may need, and logind's delay
+    /// comes on top.
+    pub fn pre_drain_lead(&self) -> Option<Duration> {
+        self.pre_drain
+            .then(|| self.pre_drain_lead.unwrap_or(self.drain_budget))
+    }
+
     /// The drain worker's uid and gid, if it is to change.
     pub fn worker_ids(&self) -> Option<(u32, u32)> {
         self.worker_user.0
@@ -93,6 +115,7 @@ impl Settings {
     pub const DEFAULT_DRAIN_BUDGET: Duration = Duration::from_secs(300);
     pub const DEFAULT_DROPIN: &'static str = "/etc/systemd/logind.conf.d/99-shutdown-guard.conf";
     pub const DEFAULT_BOOT_ID_PATH: &'static str = "/proc/sys/kernel/random/boot_id";
+    pub const DEFAULT_REBOOT_REQUIRED_FILE: &'static str = "/run/reboot-required";
     /// The DaemonSet's probes and Prometheus scrape this port.
     pub const DEFAULT_LISTEN_ADDRESS: &'static str = "0.0.0.0:8080";
 }
@@ -106,6 +129,10 @@ impl Default for Settings {
             safety_margin: Self::DEFAULT_SAFETY_MARGIN,
             deadline: None,
             drain_budget: Self::DEFAULT_DRAIN_BUDGET,
+            pre_drain: true,
+            pre_drain_lead: None,
+            reboot_pending_taint: true,
+            reboot_required_file: Some(PathBuf::from(Self::DEFAULT_REBOOT_REQUIRED_FILE)),
             write_logind_dropin: false,
             logind_dropin: PathBuf::from(Self::DEFAULT_DROPIN),
             host_root: PathBuf::from("/"),
@@ -158,6 +185,24 @@ pub struct Flags {
     #[arg(long, value_name = "DURATION", value_parser = parse_flag_duration, help_heading = "Drain")]
     #[serde(skip_serializing_if = "Option::is_none", with = "opt_duration")]
     pub drain_budget: Option<Duration>,
+    /// Drain ahead of a shutdown logind has scheduled (shutdown -r +N) [default: true].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL",
+          help_heading = "Drain")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub pre_drain: Option<bool>,
+    /// How long before a scheduled shutdown the pre-drain starts [default: drain budget].
+    #[arg(long, value_name = "DURATION", value_parser = parse_flag_duration, help_heading = "Drain")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_duration")]
+    pub pre_drain_lead: Option<Duration>,
+    /// Taint the node PreferNoSchedule while a reboot is pending [default: true].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL",
+          help_heading = "Drain")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub reboot_pending_taint: Option<bool>,
+    /// The reboot-required marker to read; empty for none [default: /run/reboot-required].
+    #[arg(long, value_name = "FILE", help_heading = "Drain")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reboot_required_file: Option<PathBuf>,
     /// Write a logind.conf.d drop-in raising InhibitDelayMaxSec to drain budget + margin, and reload logind.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL",
           help_heading = "logind configuration")]
@@ -287,6 +332,20 @@ fn check(s: Settings) -> Result<Settings, ConfigError> {
             "drain_budget",
             "0s",
             "a positive duration such as 300s or 5m",
+        ));
+    }
+    if s.pre_drain_lead == Some(Duration::ZERO) {
+        return Err(ConfigError::invalid(
+            "pre_drain_lead",
+            "0s",
+            "a positive duration such as 10m (to drain only when the shutdown starts, set pre_drain: false)",
+        ));
+    }
+    if let Some(p) = s.reboot_required_file.as_ref().filter(|p| !p.is_absolute()) {
+        return Err(ConfigError::invalid(
+            "reboot_required_file",
+            &p.display().to_string(),
+            "an absolute path such as /run/reboot-required, or empty for none",
         ));
     }
     if s.write_logind_dropin && !is_logind_dropin_dir(&s.logind_dropin) {

@@ -588,6 +588,19 @@ async fn the_agent_identity_changes_only_what_a_shutdown_needs() {
         )
         .await
         .expect("uncordon and unmark");
+    nodes
+        .patch(
+            NODE,
+            &pp,
+            &merge(json!({"spec": {"taints": [{
+                "key": "shutdown-guard.kubevirt.io/reboot-pending", "effect": "PreferNoSchedule"}]}})),
+        )
+        .await
+        .expect("its own PreferNoSchedule taint");
+    nodes
+        .patch(NODE, &pp, &merge(json!({"spec": {"taints": null}})))
+        .await
+        .expect("its own taint removed");
 
     // Refused on node-1: everything else, each with a message that says why.
     let refused = |what: &'static str, want: &'static str, r: Result<Node, kube::Error>| {
@@ -620,7 +633,7 @@ async fn the_agent_identity_changes_only_what_a_shutdown_needs() {
     );
     refused(
         "a taint",
-        "not its taints",
+        "not other taints",
         nodes
             .patch(
                 NODE,
@@ -630,8 +643,20 @@ async fn the_agent_identity_changes_only_what_a_shutdown_needs() {
             .await,
     );
     refused(
+        "its own key, NoSchedule",
+        "only PreferNoSchedule",
+        nodes
+            .patch(
+                NODE,
+                &pp,
+                &merge(json!({"spec": {"taints": [{
+                    "key": "shutdown-guard.kubevirt.io/reboot-pending", "effect": "NoSchedule"}]}})),
+            )
+            .await,
+    );
+    refused(
         "the provider ID",
-        "not its taints or the rest of its spec",
+        "not other taints or the rest of its spec",
         nodes
             .patch(
                 NODE,

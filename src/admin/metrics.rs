@@ -57,6 +57,7 @@ pub struct Metrics {
     pub last_drain_vmis: Family<ResultLabel, Gauge>,
     /// When logind's scheduled shutdown is due, 0 without one.
     pub scheduled_shutdown: Gauge<f64, AtomicU64>,
+    pub pre_draining: Gauge,
 }
 
 impl Default for Metrics {
@@ -85,12 +86,18 @@ impl Metrics {
             last_drain_timestamp: Family::default(),
             last_drain_vmis: Family::default(),
             scheduled_shutdown: Gauge::default(),
+            pre_draining: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
             "scheduled_shutdown_timestamp_seconds",
             "When the shutdown logind has scheduled is due (shutdown -r +N, unattended-upgrades), 0 when none is",
             m.scheduled_shutdown.clone(),
+        );
+        registry.register(
+            "pre_draining",
+            "1 while the node is drained ahead of a scheduled shutdown that has not started yet",
+            m.pre_draining.clone(),
         );
         registry.register(
             "lock_held",

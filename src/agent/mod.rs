@@ -5,6 +5,7 @@
 //! the Node's condition, Events and `/status`. Restarted mid-drain, it resumes from the API's
 //! state: KubeVirt keeps its evacuations, our annotation says the cordon is ours.
 
+pub mod pending;
 pub mod report;
 pub mod startup;
 
@@ -12,7 +13,7 @@ use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdStream;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use kube::Api;
@@ -112,7 +113,13 @@ fn input_of(m: Tell) -> Input {
         Tell::Delay(d) => Input::DelayMax(d),
         Tell::Shutdown { start, kind } => Input::Shutdown { start, kind },
         Tell::Resume { kind, elapsed } => Input::Resume { kind, elapsed },
-        Tell::Schedule(s) => Input::Schedule(s),
+        Tell::Schedule(schedule) => Input::Schedule {
+            due_in: schedule
+                .as_ref()
+                .and_then(|s| s.at.duration_since(SystemTime::now()).ok())
+                .unwrap_or_default(),
+            schedule,
+        },
     }
 }
 
@@ -171,12 +178,18 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
     // Nothing talks to the API server before the holder says where logind stands. A schedule
     // told meanwhile is kept for after.
     let mut schedule: Option<Tell> = None;
+    let (schedules, schedule_rx) = tokio::sync::watch::channel(None);
     let first = loop {
         match lines.next_line().await.map_err(RunError::Link)? {
             None => return Ok(Exit::Terminated),
             Some(l) => match l.parse::<Tell>() {
                 Ok(m @ (Tell::Lock { .. } | Tell::NoLock { .. })) => break m,
-                Ok(m @ Tell::Schedule(_)) => schedule = Some(m),
+                Ok(m @ Tell::Schedule(_)) => {
+                    if let Tell::Schedule(s) = &m {
+                        schedules.send_replace(s.clone());
+                    }
+                    schedule = Some(m)
+                }
                 Ok(other) => warn!(node = %node, message = %other, "before the lock; ignored"),
                 Err(e) => warn!(node = %node, error = %e, "ignoring the holder's line"),
             },
@@ -208,6 +221,7 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
                 scope: settings.scope,
                 safety_margin: settings.safety_margin,
                 deadline_override: settings.deadline,
+                pre_drain_lead: settings.pre_drain_lead(),
             },
             mark: CordonMark::boot(&boot_id),
             once: false,
@@ -230,7 +244,8 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
         Api::all(client.clone()),
         node.clone(),
         boot_id,
-        preparing,
+        // A pre-drain taken up again keeps our cordon from this boot, as a shutdown does.
+        preparing || driver.draining(),
         tx.clone(),
         events.clone(),
         // The drain before this boot, for the alerts about it (its node may have gone down
@@ -241,6 +256,15 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
             }
         },
     );
+    if settings.reboot_pending_taint {
+        pending::spawn(
+            Api::all(client.clone()),
+            node.clone(),
+            settings.reboot_required_file.clone(),
+            schedule_rx,
+            events.clone(),
+        );
+    }
     startup::spawn_logind_config_check(&settings, delay_max, events);
 
     let n = node.clone();
@@ -254,7 +278,12 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
     .filter_map(move |line| {
         let r = match line.map(|l| l.parse::<Tell>()) {
             None => Some(Input::Terminate),
-            Some(Ok(m)) => Some(input_of(m)),
+            Some(Ok(m)) => {
+                if let Tell::Schedule(s) = &m {
+                    schedules.send_replace(s.clone());
+                }
+                Some(input_of(m))
+            }
             Some(Err(LinkError { line, .. })) => {
                 warn!(node = %n, line = %line, "ignoring the holder's line");
                 None

@@ -144,6 +144,10 @@ impl Reporter for AgentReporter {
         let snap = step.snapshot;
         let idle = snap.phase == PhaseLabel::Idle;
         self.admin.metrics.lock_held.set(snap.lock_held as i64);
+        self.admin
+            .metrics
+            .pre_draining
+            .set(snap.pre_draining as i64);
         for note in step.notes {
             let m = &self.admin.metrics;
             match note {
@@ -237,6 +241,19 @@ impl Reporter for AgentReporter {
                 }
                 Note::Ended(end) => self.ended(end, snap),
                 Note::Scheduled { now, was } => self.scheduled(now.as_ref(), was.as_ref()),
+                Note::PreDrained { kind, ahead } => {
+                    let ahead = ahead.as_secs();
+                    self.reports.condition(
+                        GuardState::Draining,
+                        format!("node empty {ahead}s ahead of the scheduled {kind}; holding the lock until it starts"),
+                    );
+                    self.reports.node_event(
+                        false,
+                        "PreDrainComplete",
+                        "Drain",
+                        format!("node empty {ahead}s ahead of the scheduled {kind}; it will find nothing left to drain"),
+                    );
+                }
                 _ => {}
             }
         }

@@ -218,6 +218,7 @@ pub async fn drain(
                 scope: opts.scope,
                 safety_margin: Duration::ZERO,
                 deadline_override: Some(opts.timeout.unwrap_or(FOREVER)),
+                pre_drain_lead: None,
             },
             mark: CordonMark::maintenance(&rfc3339(chrono::Utc::now())),
             once: true,

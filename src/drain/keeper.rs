@@ -251,6 +251,11 @@ impl Keeper {
     /// What a (re)started worker must be told to pick up where things are.
     fn brief(&self, now: Instant) -> Vec<KeeperEffect> {
         let mut fx = vec![];
+        // The schedule first: a worker restarted during a pre-drain must know it before it
+        // decides about the cordon it finds.
+        if self.schedule.is_some() {
+            fx.push(KeeperEffect::Tell(Tell::Schedule(self.schedule.clone())));
+        }
         let delay = self.delay_max.unwrap_or_default();
         if self.lock_held {
             fx.push(KeeperEffect::Tell(Tell::Lock {
@@ -267,9 +272,6 @@ impl Keeper {
                 kind: d.kind.clone(),
                 elapsed: now.saturating_duration_since(d.started),
             }));
-        }
-        if self.schedule.is_some() {
-            fx.push(KeeperEffect::Tell(Tell::Schedule(self.schedule.clone())));
         }
         fx
     }

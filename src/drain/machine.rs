@@ -36,6 +36,11 @@ pub const EVACUATION_SPACING: Duration = Duration::from_millis(200);
 /// answer must not stall the node's evacuation.
 pub const PACED_ANSWER_WAIT: Duration = Duration::from_secs(2);
 
+/// A scheduled shutdown that disappears this close to its time has fired rather than been
+/// cancelled: `PrepareForShutdown` is on its way (systemd 252 and elogind clear the property
+/// when it fires, and a poll may see that before the signal arrives).
+pub const FIRING_SLACK: Duration = Duration::from_secs(2);
+
 /// What a drain is run with; the same for the agent and the `drain` command.
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
@@ -44,6 +49,9 @@ pub struct MachineConfig {
     pub safety_margin: Duration,
     /// Replaces `InhibitDelayMaxUSec − safety_margin` when set.
     pub deadline_override: Option<Duration>,
+    /// How long before a scheduled shutdown the node is drained (a pre-drain); `None`: only at
+    /// `PrepareForShutdown`.
+    pub pre_drain_lead: Option<Duration>,
 }
 
 /// One step of a `kube::runtime::watcher` stream, with the object already reduced.
@@ -119,8 +127,12 @@ pub enum Input {
     Tick,
     /// SIGTERM or SIGINT.
     Terminate,
-    /// The shutdown logind has scheduled, or none (the holder tells every change).
-    Schedule(Option<Schedule>),
+    /// The shutdown logind has scheduled, or none (the holder tells every change); `due_in`:
+    /// how far ahead its time was when it was read (the machine keeps no wall clock).
+    Schedule {
+        schedule: Option<Schedule>,
+        due_in: Duration,
+    },
 }
 
 /// Why the drain let the shutdown go on.
@@ -259,6 +271,12 @@ pub enum Note {
         now: Option<Schedule>,
         was: Option<Schedule>,
     },
+    /// A pre-drain found the node empty `ahead` of the scheduled shutdown: the lock stays
+    /// taken until `PrepareForShutdown`, which then has nothing left to wait for.
+    PreDrained {
+        kind: String,
+        ahead: Duration,
+    },
 }
 
 /// A graceful stop the API server accepted: which VMI, with what grace period, and why.
@@ -328,6 +346,8 @@ pub struct Snapshot {
     pub delay_max: Option<Duration>,
     pub drain: Option<DrainView>,
     pub scheduled: Option<Schedule>,
+    /// A pre-drain for the scheduled shutdown is under way (it has not started).
+    pub pre_draining: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -416,6 +436,11 @@ pub struct Drain {
     paced_from: Instant,
     /// The last pump held a first eviction back for the pace.
     paced_waiting: bool,
+    /// A pre-drain: the instant the scheduled shutdown is due, until `PrepareForShutdown`
+    /// makes it the drain of a shutdown under way. A pre-drain never releases the lock.
+    pre: Option<Instant>,
+    /// The pre-drain has said that the node is empty.
+    pre_told: bool,
 }
 
 impl Drain {
@@ -516,8 +541,9 @@ pub struct Machine {
     uncordon: Option<Track>,
     /// logind refused us a lock (told once).
     lock_refused: bool,
-    /// The shutdown logind has scheduled.
+    /// The shutdown logind has scheduled, and when it is due.
     scheduled: Option<Schedule>,
+    scheduled_due: Option<Instant>,
     /// The instant of the last input: wake-ups are always after it.
     now: Option<Instant>,
 }
@@ -547,6 +573,7 @@ impl Machine {
             uncordon: None,
             lock_refused: false,
             scheduled: None,
+            scheduled_due: None,
             now: None,
         }
     }
@@ -580,6 +607,7 @@ impl Machine {
                     .collect(),
             }),
             scheduled: self.scheduled.clone(),
+            pre_draining: matches!(&self.phase, Phase::Draining(d) if d.pre.is_some()),
         }
     }
 
@@ -656,6 +684,7 @@ impl Machine {
             _ => None,
         };
         times.extend(self.uncordon.as_ref().and_then(retry));
+        times.extend(self.pre_drain_from());
         if let Phase::Draining(d) = &self.phase {
             times.push(d.deadline);
             if let CordonState::Pending(t) = &d.cordon {
@@ -758,31 +787,15 @@ impl Machine {
                 }
             }
             Input::CordonedThisBoot => self.cordoned_by_us = true,
-            Input::Shutdown { start: true, kind } => self.start(now, kind, &mut fx),
+            Input::Shutdown { start: true, kind } => self.start(now, kind, None, &mut fx),
             Input::Resume { kind, elapsed } => {
                 let started = now.checked_sub(elapsed).unwrap_or(now);
-                self.start(started, kind, &mut fx)
+                self.start(started, kind, None, &mut fx)
             }
             Input::Shutdown { start: false, .. } => {
-                if let Phase::Draining(d) = &self.phase {
-                    for vmi in &d.evacuating {
-                        fx.push(Effect::CancelEvacuation { vmi: vmi.clone() });
-                    }
-                }
-                if was_draining {
-                    let end = self.end(now, EndReason::Cancelled);
-                    self.notes.push(Note::Ended(end));
-                    self.progress = None;
-                }
-                if !matches!(self.phase, Phase::Idle) {
-                    self.phase = Phase::Idle;
-                    if self.cordoned_by_us {
-                        self.uncordon = Some(Track::in_flight());
-                        fx.insert(0, Effect::Uncordon);
-                    }
-                }
-                if !self.lock_held {
-                    fx.push(Effect::TakeLock);
+                // Only a shutdown under way is cancelled so; a pre-drain follows the schedule.
+                if !matches!(&self.phase, Phase::Draining(d) if d.pre.is_some()) {
+                    self.cancel(now, &mut fx);
                 }
             }
             Input::Vmis(u) => {
@@ -945,11 +958,13 @@ impl Machine {
                 }
             }
             Input::Tick => {}
-            Input::Schedule(schedule) => {
+            Input::Schedule { schedule, due_in } => {
+                self.scheduled_due = schedule.as_ref().map(|_| now + due_in);
                 if schedule != self.scheduled {
                     let was = std::mem::replace(&mut self.scheduled, schedule.clone());
                     self.notes.push(Note::Scheduled { now: schedule, was });
                 }
+                self.follow_schedule(now, &mut fx);
             }
             Input::Terminate => {
                 let draining = matches!(self.phase, Phase::Draining(_));
@@ -963,6 +978,9 @@ impl Machine {
                 });
                 return fx;
             }
+        }
+        if self.pre_drain_from().is_some_and(|t| now >= t) {
+            self.start_pre_drain(now, &mut fx);
         }
         self.pump(now, &mut fx);
         if let Some(t) = self.uncordon.as_mut()
@@ -1091,13 +1109,103 @@ impl Machine {
         }
     }
 
+    /// Ends the drain of a cancelled shutdown or pre-drain: KubeVirt stops evacuating what we
+    /// asked it to, our cordon goes, and the lock is taken again if it was given up.
+    fn cancel(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        if let Phase::Draining(d) = &self.phase {
+            for vmi in &d.evacuating {
+                fx.push(Effect::CancelEvacuation { vmi: vmi.clone() });
+            }
+            let end = self.end(now, EndReason::Cancelled);
+            self.notes.push(Note::Ended(end));
+            self.progress = None;
+        }
+        if !matches!(self.phase, Phase::Idle) {
+            self.phase = Phase::Idle;
+            if self.cordoned_by_us {
+                self.uncordon = Some(Track::in_flight());
+                fx.insert(0, Effect::Uncordon);
+            }
+        }
+        if !self.lock_held {
+            fx.push(Effect::TakeLock);
+        }
+    }
+
+    /// When a pre-drain for the scheduled shutdown is to start, if one is to: configured, a
+    /// schedule that really shuts down (not `dry-*`), nothing under way, and its time still
+    /// ahead (past it, `PrepareForShutdown` takes over).
+    fn pre_drain_from(&self) -> Option<Instant> {
+        let lead = self.cfg.pre_drain_lead?;
+        let due = self.scheduled_due?;
+        let kind = &self.scheduled.as_ref()?.kind;
+        let idle = matches!(self.phase, Phase::Idle);
+        let ahead = self.now.is_none_or(|now| now < due);
+        (idle && ahead && pre_drains(kind)).then(|| due.checked_sub(lead).unwrap_or(due))
+    }
+
+    fn start_pre_drain(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        if let (Some(due), Some(s)) = (self.scheduled_due, self.scheduled.clone()) {
+            self.start(now, Some(s.kind), Some(due), fx);
+        }
+    }
+
+    /// A pre-drain follows its schedule: moved within the lead, it keeps the node empty until
+    /// the new time; moved further off (or to a dry run), it is undone and may come again; gone
+    /// before its time (`shutdown -c`), it is undone; gone at its time, it has fired and
+    /// `PrepareForShutdown` takes over.
+    fn follow_schedule(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        let Phase::Draining(d) = &self.phase else {
+            return;
+        };
+        let Some(was_due) = d.pre else {
+            return;
+        };
+        let budget = self.budget();
+        let lead = self.cfg.pre_drain_lead.unwrap_or_default();
+        let kind = self.scheduled.as_ref().map(|s| s.kind.clone());
+        match (self.scheduled_due, kind) {
+            (Some(due), Some(kind))
+                if pre_drains(&kind) && due.checked_sub(lead).is_none_or(|from| from <= now) =>
+            {
+                if let Phase::Draining(d) = &mut self.phase {
+                    d.pre = Some(due);
+                    d.deadline = due + budget;
+                }
+            }
+            (None, _) if now + FIRING_SLACK >= was_due => {}
+            _ => self.cancel(now, fx),
+        }
+    }
+
     /// Starts a drain that began at `started` (now, or earlier for a resumed one); a second
     /// start signal (`PrepareForShutdownWithMetadata` then `PrepareForShutdown`) only adds the
-    /// shutdown's type.
-    fn start(&mut self, started: Instant, kind: Option<String>, fx: &mut Vec<Effect>) {
+    /// shutdown's type, and one during a pre-drain makes it the shutdown's drain. With
+    /// `pre_due`, a pre-drain for the shutdown scheduled then: its deadline is logind's delay
+    /// counted from that time.
+    fn start(
+        &mut self,
+        started: Instant,
+        kind: Option<String>,
+        pre_due: Option<Instant>,
+        fx: &mut Vec<Effect>,
+    ) {
         match &mut self.phase {
             Phase::Idle => {}
             Phase::Draining(d) => {
+                if d.pre.take().is_some() {
+                    // The scheduled shutdown has come: from now on logind's delay counts.
+                    d.deadline = started
+                        + drain_budget(
+                            self.delay_max,
+                            self.cfg.safety_margin,
+                            self.cfg.deadline_override,
+                        );
+                    if kind.is_some() {
+                        d.kind = kind;
+                    }
+                    return;
+                }
                 if d.kind.is_none() {
                     if let (Some(k), Some(t)) = (&kind, self.progress.as_mut()) {
                         t.kind = k.clone();
@@ -1108,8 +1216,13 @@ impl Machine {
             }
             Phase::Released { .. } => return,
         }
-        let budget = self.budget();
-        let kind_label = kind.clone().unwrap_or_else(|| "unknown".into());
+        let deadline = pre_due.unwrap_or(started) + self.budget();
+        let budget = deadline.saturating_duration_since(started);
+        let kind_label = match (&kind, pre_due) {
+            (Some(k), Some(_)) => format!("scheduled-{k}"),
+            (Some(k), None) => k.clone(),
+            (None, _) => "unknown".into(),
+        };
         self.progress = Some(Tracked {
             kind: kind_label.clone(),
             budget,
@@ -1132,7 +1245,7 @@ impl Machine {
         };
         self.phase = Phase::Draining(Box::new(Drain {
             started,
-            deadline: started + budget,
+            deadline,
             kind,
             cordon: if after_uncordon {
                 CordonState::AfterUncordon
@@ -1149,6 +1262,8 @@ impl Machine {
             paced: None,
             paced_from: started,
             paced_waiting: false,
+            pre: pre_due,
+            pre_told: false,
         }));
         if !after_uncordon {
             fx.push(Effect::Cordon);
@@ -1183,6 +1298,18 @@ impl Machine {
         };
         let plan = self.plan();
         if now >= d.deadline {
+            if let Some(due) = d.pre {
+                // The scheduled time came and went without a shutdown: undo the pre-drain.
+                let late = now.saturating_duration_since(due).as_secs();
+                fx.push(Effect::Warn {
+                    reason: "ScheduledShutdownMissed",
+                    note: format!(
+                        "the scheduled shutdown did not start ({late}s past its time); uncordoning the pre-drained node"
+                    ),
+                });
+                self.cancel(now, fx);
+                return;
+            }
             self.release(now, ReleaseReason::Deadline, fx);
             return;
         }
@@ -1199,6 +1326,15 @@ impl Machine {
             && (self.cfg.scope == Scope::Vms
                 || (self.pods.synced && plan.other_remaining.is_empty()));
         if empty && !held {
+            if let (Some(due), Phase::Draining(d)) = (d.pre, &mut self.phase) {
+                if !std::mem::replace(&mut d.pre_told, true) {
+                    self.notes.push(Note::PreDrained {
+                        kind: d.kind.clone().unwrap_or_default(),
+                        ahead: due.saturating_duration_since(now),
+                    });
+                }
+                return;
+            }
             self.release(now, ReleaseReason::Empty, fx);
             return;
         }
@@ -1409,6 +1545,12 @@ impl Machine {
         }
         out
     }
+}
+
+/// Whether a scheduled shutdown of this type takes the node down: logind's `dry-*` types
+/// (`shutdown --dry-run`) only pretend.
+fn pre_drains(kind: &str) -> bool {
+    !kind.starts_with("dry-")
 }
 
 /// Names an Event note lists before summarising the rest (notes are capped at 1 kB).

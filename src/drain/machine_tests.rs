@@ -15,11 +15,17 @@ struct Bed {
 impl Bed {
     /// Lock held with `InhibitDelayMaxUSec = 30 s` and a 5 s margin: a 25 s budget.
     fn new(scope: Scope) -> Self {
+        Self::with_lead(scope, None)
+    }
+
+    /// The same, draining `lead` ahead of a scheduled shutdown.
+    fn with_lead(scope: Scope, lead: Option<Duration>) -> Self {
         let mut m = Machine::new(MachineConfig {
             node: NODE.into(),
             scope,
             safety_margin: Duration::from_secs(5),
             deadline_override: None,
+            pre_drain_lead: lead,
         });
         let t0 = Instant::now();
         m.handle(
@@ -831,6 +837,7 @@ fn a_deadline_beyond_logind_is_capped_with_a_warning() {
         scope: Scope::Vms,
         safety_margin: Duration::from_secs(5),
         deadline_override: Some(Duration::from_secs(600)),
+        pre_drain_lead: None,
     });
     let t0 = Instant::now();
     m.handle(
@@ -1236,12 +1243,264 @@ fn a_scheduled_shutdown_is_noted_once_per_change_and_shown_in_the_snapshot() {
             .collect()
     };
     b.m.take_notes();
-    b.feed(10, Input::Schedule(Some(reboot.clone())));
+    let due_in = Duration::from_secs(600);
+    b.feed(
+        10,
+        Input::Schedule {
+            schedule: Some(reboot.clone()),
+            due_in,
+        },
+    );
     assert_eq!(scheduled(&mut b.m), vec![(Some("reboot".into()), None)]);
     assert_eq!(b.m.snapshot(b.at(10)).scheduled, Some(reboot.clone()));
-    b.feed(20, Input::Schedule(Some(reboot)));
+    b.feed(
+        20,
+        Input::Schedule {
+            schedule: Some(reboot),
+            due_in,
+        },
+    );
     assert!(scheduled(&mut b.m).is_empty(), "the same schedule again");
-    b.feed(30, Input::Schedule(None));
+    b.feed(
+        30,
+        Input::Schedule {
+            schedule: None,
+            due_in: Duration::ZERO,
+        },
+    );
     assert_eq!(scheduled(&mut b.m), vec![(None, Some("reboot".into()))]);
     assert_eq!(b.m.snapshot(b.at(30)).scheduled, None);
+}
+
+fn schedule(kind: &str, due_in_s: u64) -> Input {
+    Input::Schedule {
+        schedule: Some(crate::drain::model::Schedule {
+            kind: kind.into(),
+            at: std::time::UNIX_EPOCH + Duration::from_secs(1_796_031_672),
+        }),
+        due_in: Duration::from_secs(due_in_s),
+    }
+}
+
+fn unscheduled() -> Input {
+    Input::Schedule {
+        schedule: None,
+        due_in: Duration::ZERO,
+    }
+}
+
+fn warned(fx: &[Effect]) -> Vec<&'static str> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Warn { reason, .. } => Some(*reason),
+            _ => None,
+        })
+        .collect()
+}
+
+fn pre_drained(m: &mut Machine) -> Vec<(String, Duration)> {
+    m.take_notes()
+        .into_iter()
+        .filter_map(|n| match n {
+            Note::PreDrained { kind, ahead } => Some((kind, ahead)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_scheduled_reboot_is_drained_its_lead_ahead_and_its_shutdown_then_released_at_once() {
+    let mut b = Bed::with_lead(Scope::Vms, Some(Duration::from_secs(60)));
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    // Due in 100 s: the pre-drain starts at 40 s.
+    let fx = b.feed(0, schedule("reboot", 100));
+    assert!(fx.is_empty(), "too early to drain: {fx:?}");
+    assert_eq!(b.m.next_wakeup(), Some(b.at(40_000)));
+    let fx = b.feed(40_000, Input::Tick);
+    assert_eq!(fx.first(), Some(&Effect::Cordon), "{fx:?}");
+    assert_eq!(evicts(&fx), vec!["virt-launcher-a-abcde"]);
+    assert_eq!(b.m.snapshot(b.at(40_000)).phase, PhaseLabel::Draining);
+    let kind = match b.m.take_notes().into_iter().find_map(|n| match n {
+        Note::DrainStarted { kind, budget, .. } => Some((kind, budget)),
+        _ => None,
+    }) {
+        Some(k) => k,
+        None => panic!("no DrainStarted"),
+    };
+    // Its deadline: the scheduled time plus logind's budget (25 s).
+    assert_eq!(kind, ("scheduled-reboot".into(), Duration::from_secs(85)));
+    b.feed(40_010, Input::Cordoned(CordonResult::CordonedByUs));
+    // The VMI migrates away: the node is empty, but a pre-drain keeps the lock.
+    let fx = b.feed(
+        70_000,
+        Input::Vmis(WatchUpdate::Applied(migrated(a.clone(), "node-2"))),
+    );
+    assert!(
+        released(&fx).is_none(),
+        "a pre-drain never releases: {fx:?}"
+    );
+    assert_eq!(
+        pre_drained(&mut b.m),
+        vec![("reboot".to_string(), Duration::from_secs(30))]
+    );
+    assert!(b.m.lock_held());
+    let fx = b.feed(80_000, Input::Tick);
+    assert!(
+        fx.is_empty() && pre_drained(&mut b.m).is_empty(),
+        "said once"
+    );
+    // The reboot fires: nothing left to wait for.
+    let fx = b.feed(
+        100_000,
+        Input::Shutdown {
+            start: true,
+            kind: Some("reboot".into()),
+        },
+    );
+    assert_eq!(released(&fx), Some((ReleaseReason::Empty, vec![])));
+}
+
+#[test]
+fn shutdown_c_undoes_a_pre_drain_uncordons_and_cancels_its_evacuations() {
+    let mut b = Bed::with_lead(Scope::Vms, Some(Duration::from_secs(300)));
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    let fx = b.feed(0, schedule("reboot", 60));
+    assert_eq!(
+        fx.first(),
+        Some(&Effect::Cordon),
+        "inside the lead: at once"
+    );
+    b.feed(5, Input::Cordoned(CordonResult::CordonedByUs));
+    b.feed(
+        20,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::Evacuating,
+        },
+    );
+    let fx = b.feed(10_000, unscheduled());
+    assert_eq!(fx.first(), Some(&Effect::Uncordon), "{fx:?}");
+    assert!(fx.contains(&Effect::CancelEvacuation { vmi: a.key.clone() }));
+    assert!(
+        !fx.contains(&Effect::TakeLock),
+        "the lock was never given up"
+    );
+    assert_eq!(b.m.snapshot(b.at(10_000)).phase, PhaseLabel::Idle);
+    let ended: Vec<EndReason> =
+        b.m.take_notes()
+            .into_iter()
+            .filter_map(|n| match n {
+                Note::Ended(e) => Some(e.reason),
+                _ => None,
+            })
+            .collect();
+    assert_eq!(ended, vec![EndReason::Cancelled]);
+    assert_eq!(
+        b.m.next_wakeup(),
+        None,
+        "nothing to do until a new schedule"
+    );
+}
+
+#[test]
+fn a_schedule_gone_at_its_time_has_fired_and_prepare_for_shutdown_takes_over() {
+    let mut b = Bed::with_lead(Scope::Vms, Some(Duration::from_secs(300)));
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    b.feed(0, schedule("poweroff", 30));
+    b.feed(5, Input::Cordoned(CordonResult::CordonedByUs));
+    // systemd 252 clears the property as it fires; the poll sees it before the signal.
+    let fx = b.feed(29_500, unscheduled());
+    assert!(
+        !fx.iter()
+            .any(|e| matches!(e, Effect::Uncordon | Effect::CancelEvacuation { .. })),
+        "not a cancel: {fx:?}"
+    );
+    assert_eq!(b.m.snapshot(b.at(29_500)).phase, PhaseLabel::Draining);
+    let fx = b.feed(
+        30_000,
+        Input::Shutdown {
+            start: true,
+            kind: None,
+        },
+    );
+    assert!(released(&fx).is_none(), "the VMI is still here");
+    // From now on logind's delay counts: 25 s.
+    let fx = b.feed(55_000, Input::Tick);
+    assert_eq!(released(&fx).map(|r| r.0), Some(ReleaseReason::Deadline));
+}
+
+#[test]
+fn a_pre_drain_whose_shutdown_never_comes_is_undone_at_its_deadline_and_not_started_again() {
+    let mut b = Bed::with_lead(Scope::Vms, Some(Duration::from_secs(300)));
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    b.feed(0, schedule("reboot", 30));
+    b.feed(5, Input::Cordoned(CordonResult::CordonedByUs));
+    assert_eq!(b.m.next_wakeup().map(|t| t <= b.at(55_000)), Some(true));
+    let fx = b.feed(55_000, Input::Tick);
+    assert!(released(&fx).is_none(), "{fx:?}");
+    assert_eq!(warned(&fx), vec!["ScheduledShutdownMissed"]);
+    assert_eq!(fx.first(), Some(&Effect::Uncordon));
+    assert_eq!(b.m.snapshot(b.at(55_000)).phase, PhaseLabel::Idle);
+    let fx = b.feed(56_000, Input::Tick);
+    assert!(fx.is_empty(), "its time is past: {fx:?}");
+}
+
+#[test]
+fn a_pre_drain_stops_what_cannot_migrate_only_by_the_shutdown_s_own_deadline() {
+    let mut b = Bed::with_lead(Scope::Vms, Some(Duration::from_secs(300)));
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    // Due in 200 s, deadline 225 s, 60 s of grace: stopped at 165 s, not at half the budget.
+    b.feed(0, schedule("reboot", 200));
+    b.feed(5, Input::Cordoned(CordonResult::CordonedByUs));
+    b.feed(
+        20,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::Evacuating,
+        },
+    );
+    assert!(stops(&b.feed(164_000, Input::Tick)).is_empty());
+    assert_eq!(
+        stops(&b.feed(165_000, Input::Tick)),
+        vec![("a".to_string(), 60, StopReason::StopBy)]
+    );
+}
+
+#[test]
+fn no_pre_drain_for_a_dry_run_without_a_lead_or_for_a_schedule_moved_far_off() {
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    let mut off = Bed::with_lead(Scope::Vms, None);
+    off.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    assert!(off.feed(0, schedule("reboot", 30)).is_empty());
+    assert_eq!(off.m.next_wakeup(), None);
+
+    let mut b = Bed::with_lead(Scope::Vms, Some(Duration::from_secs(300)));
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    assert!(b.feed(0, schedule("dry-reboot", 30)).is_empty());
+    // Rescheduled from +60 s to +1 h: undone, and drained again 5 min before.
+    let fx = b.feed(1_000, schedule("reboot", 60));
+    assert_eq!(fx.first(), Some(&Effect::Cordon));
+    b.feed(1_005, Input::Cordoned(CordonResult::CordonedByUs));
+    let fx = b.feed(2_000, schedule("reboot", 3_600));
+    assert_eq!(fx.first(), Some(&Effect::Uncordon), "{fx:?}");
+    assert_eq!(b.m.next_wakeup(), Some(b.at(2_000 + 3_300_000)));
+    // Moved a little within the lead: the pre-drain goes on.
+    let mut c = Bed::with_lead(Scope::Vms, Some(Duration::from_secs(300)));
+    c.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    c.feed(0, schedule("reboot", 60));
+    c.feed(5, Input::Cordoned(CordonResult::CordonedByUs));
+    let fx = c.feed(1_000, schedule("reboot", 120));
+    assert!(fx.is_empty(), "{fx:?}");
+    assert_eq!(c.m.snapshot(c.at(1_000)).phase, PhaseLabel::Draining);
 }

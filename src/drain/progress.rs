@@ -304,6 +304,7 @@ mod tests {
             scope: crate::drain::model::Scope::Vms,
             safety_margin: Duration::from_secs(5),
             deadline_override: None,
+            pre_drain_lead: None,
         })
     }
 

@@ -155,6 +155,11 @@ impl<R: Reporter> Driver<R> {
         self.tx.clone()
     }
 
+    /// A drain is under way (a pre-drain included).
+    pub fn draining(&self) -> bool {
+        matches!(self.machine.phase(), Phase::Draining(_))
+    }
+
     /// Takes one input now, outside the loop (before [`Driver::run`]).
     pub fn feed(&mut self, input: Input) -> Option<Outcome> {
         self.step(now(), input)
@@ -340,7 +345,7 @@ impl<R: Reporter> Driver<R> {
             Effect::CancelEvacuation { vmi } => {
                 let client = self.client.clone();
                 tokio::spawn(async move {
-                    match kubevirt::cancel_evacuation(client, &vmi).await {
+                    match kubevirt::cancel_evacuation(client, &vmi, &node).await {
                         Ok(true) => info!(node = %node, vmi = %vmi, "evacuation cancelled"),
                         Ok(false) => info!(
                             node = %node,
@@ -455,6 +460,12 @@ fn log_notes(node: &str, notes: &[Note]) {
                 budget_ms = budget.as_millis() as u64,
                 vmis = %keys(vmis),
                 "drain started"
+            ),
+            Note::PreDrained { kind, ahead } => info!(
+                node = %node,
+                kind = %kind,
+                ahead_ms = ahead.as_millis() as u64,
+                "node empty ahead of the scheduled shutdown; the lock stays until it starts"
             ),
             Note::Ended(end) if end.reason == EndReason::Cancelled => {
                 info!(node = %node, "shutdown cancelled; drain stopped")

@@ -242,6 +242,7 @@ fn driver(state: &Shared, log: &Log, deadline: Duration) -> Driver<Log> {
                 scope: Scope::Vms,
                 safety_margin: Duration::ZERO,
                 deadline_override: Some(deadline),
+                pre_drain_lead: None,
             },
             mark: CordonMark::maintenance("2026-01-01T00:00:00Z"),
             once: true,

@@ -134,17 +134,25 @@ pub async fn cancel_migration(client: Client, ns: &str, job: &MigrationJob) -> R
     }
 }
 
-/// Asks KubeVirt to stop evacuating a VMI (`PUT …/virtualmachineinstances/<name>/evacuate/cancel`
-/// of virt-api's subresource group, KubeVirt ≥ 1.7). `Ok(false)` where KubeVirt has no such
-/// subresource (older versions) or the VMI is gone.
-pub async fn cancel_evacuation(client: Client, vmi: &ObjKey) -> Result<bool, String> {
+/// Asks KubeVirt to stop evacuating a VMI off `node` (`PUT …/virtualmachineinstances/<name>/
+/// evacuate/cancel` of virt-api's subresource group, KubeVirt ≥ 1.7). `Ok(false)` where KubeVirt
+/// has no such subresource (older versions) or the VMI is gone.
+///
+/// virt-api patches the mark away only under a JSON-patch `test` that it still names the node
+/// the body gives (`pkg/virt-api/rest/evacuate_cancel.go`): an empty body's `""` fails that test
+/// with a 500 whenever there is something to cancel.
+pub async fn cancel_evacuation(client: Client, vmi: &ObjKey, node: &str) -> Result<bool, String> {
     let url = format!(
         "/apis/subresources.kubevirt.io/v1/namespaces/{}/virtualmachineinstances/{}/evacuate/cancel",
         vmi.namespace, vmi.name
     );
     let req = http::Request::put(url)
         .header("content-type", "application/json")
-        .body(b"{}".to_vec())
+        .body(
+            serde_json::json!({ "evacuationNodeName": node })
+                .to_string()
+                .into_bytes(),
+        )
         .map_err(|e| e.to_string())?;
     match tokio::time::timeout(CALL_TIMEOUT, client.request_text(req)).await {
         Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),

@@ -8,6 +8,7 @@ pub mod events;
 pub mod kubevirt;
 pub mod objects;
 pub mod pods;
+pub mod taint;
 pub mod watch;
 
 pub use kubevirt::vmi_resource;

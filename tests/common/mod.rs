@@ -68,9 +68,20 @@ impl Agent {
             .join(format!("agent-{node}-{}.log", rand_suffix()));
         let mut args = vec!["run", "--node", node, "--log-format", "json"];
         args.extend_from_slice(extra);
+        // The bed's pods see the machine's own /run: a reboot-required marker there must not
+        // taint the bed's nodes. Each node's marker is a file of the bed's (absent unless a
+        // test writes it); a flag still overrides it.
+        let marker = bed
+            .control_plane
+            .dir()
+            .join(format!("{node}-reboot-required"));
         let spec = adjust(
             PodSpec::new(AGENT, &args)
                 .name(format!("shutdown-guard-{node}"))
+                .env(
+                    "SHUTDOWN_GUARD_REBOOT_REQUIRED_FILE",
+                    marker.display().to_string(),
+                )
                 .output(PodOutput::File(log.clone())),
         );
         let pod = bed

@@ -322,9 +322,18 @@ impl Ctx {
     }
 
     /// Nodes a VMI could be placed on: Ready, schedulable, without NoSchedule/NoExecute taints,
-    /// carrying every label of `selector`, not `exclude`; least loaded (by VMIs) first.
+    /// carrying every label of `selector`, not `exclude`; those with fewer `PreferNoSchedule`
+    /// taints first, then the least loaded (by VMIs).
+    ///
+    /// kube-scheduler's TaintToleration plugin scores a node by its `PreferNoSchedule` taints
+    /// the pod does not tolerate (`pkg/scheduler/framework/plugins/tainttoleration/
+    /// taint_toleration.go`, v1.36: `countIntolerableTaintsPreferNoSchedule`, normalised so the
+    /// fewest score 100) with weight 3 (`pkg/scheduler/apis/config/v1/default_plugins.go`),
+    /// against weight 1 for each resource score: between otherwise similar nodes the taint
+    /// decides, which is what ordering by it first models. Launcher pods tolerate no such taint
+    /// (a VMI's own `tolerations` are not modelled).
     pub fn target_nodes(&self, exclude: &str, selector: &BTreeMap<String, String>) -> Vec<String> {
-        let mut candidates: Vec<(usize, String)> = self
+        let mut candidates: Vec<((usize, usize), String)> = self
             .nodes
             .state()
             .into_iter()
@@ -347,13 +356,20 @@ impl Ctx {
             })
             .map(|n| {
                 let name = n.metadata.name.clone().unwrap_or_default();
+                let preferred_not = n
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.taints.as_ref())
+                    .map_or(0, |ts| {
+                        ts.iter().filter(|t| t.effect == "PreferNoSchedule").count()
+                    });
                 let load = self
                     .vmis
                     .state()
                     .iter()
                     .filter(|v| !v.is_final() && v.node_name() == Some(name.as_str()))
                     .count();
-                (load, name)
+                ((preferred_not, load), name)
             })
             .collect();
         candidates.sort();
