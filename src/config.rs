@@ -57,6 +57,14 @@ pub struct Settings {
     /// How long before the scheduled time the pre-drain starts [default: drain_budget].
     #[serde(with = "opt_duration")]
     pub pre_drain_lead: Option<Duration>,
+    /// How many nodes of the cluster pre-drain at once (Leases `shutdown-guard-turn-<i>`); 0:
+    /// every node on its own, without turns.
+    #[serde(with = "text")]
+    pub pre_drain_turns: u32,
+    /// Where the turns' Leases live; empty: the agent's own namespace (the pod's, or the
+    /// kubeconfig context's).
+    #[serde(with = "text")]
+    pub lease_namespace: String,
     /// Taint the Node `shutdown-guard.kubevirt.io/reboot-pending:PreferNoSchedule` while a
     /// reboot is pending, so migrations from other nodes prefer nodes that stay up.
     #[serde(with = "text")]
@@ -131,6 +139,8 @@ impl Default for Settings {
             drain_budget: Self::DEFAULT_DRAIN_BUDGET,
             pre_drain: true,
             pre_drain_lead: None,
+            pre_drain_turns: 1,
+            lease_namespace: String::new(),
             reboot_pending_taint: true,
             reboot_required_file: Some(PathBuf::from(Self::DEFAULT_REBOOT_REQUIRED_FILE)),
             write_logind_dropin: false,
@@ -194,6 +204,14 @@ pub struct Flags {
     #[arg(long, value_name = "DURATION", value_parser = parse_flag_duration, help_heading = "Drain")]
     #[serde(skip_serializing_if = "Option::is_none", with = "opt_duration")]
     pub pre_drain_lead: Option<Duration>,
+    /// How many nodes pre-drain at once, cluster-wide; 0 for no turns [default: 1].
+    #[arg(long, value_name = "N", help_heading = "Drain")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub pre_drain_turns: Option<u32>,
+    /// Namespace of the turns' Leases [default: the agent's own].
+    #[arg(long, value_name = "NAMESPACE", help_heading = "Drain")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_namespace: Option<String>,
     /// Taint the node PreferNoSchedule while a reboot is pending [default: true].
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL",
           help_heading = "Drain")]
@@ -437,6 +455,19 @@ impl Setting for bool {
             "false" => Ok(false),
             _ => Err("true or false".into()),
         }
+    }
+}
+
+impl Setting for u32 {
+    fn parse(s: &str) -> Result<Self, String> {
+        s.parse()
+            .map_err(|_| "a whole number from 0 to 4294967295".into())
+    }
+}
+
+impl Setting for String {
+    fn parse(s: &str) -> Result<Self, String> {
+        Ok(s.to_owned())
     }
 }
 

@@ -134,6 +134,8 @@ const KEYS: &[&str] = &[
     "drain_budget",
     "pre_drain",
     "pre_drain_lead",
+    "pre_drain_turns",
+    "lease_namespace",
     "reboot_pending_taint",
     "reboot_required_file",
     "write_logind_dropin",

@@ -516,6 +516,28 @@ async fn the_agent_identity_changes_only_what_a_shutdown_needs() {
     let agent = shutdown_guard::kube::client(Some(&kubeconfig))
         .await
         .expect("client");
+    // Pre-drain turns: Leases in the agent's namespace, taken and given back; none elsewhere.
+    let turns =
+        shutdown_guard::kube::turns::Turns::new(Api::namespaced(agent.clone(), NS), NODE, 1);
+    let turn = turns
+        .try_take()
+        .await
+        .expect("a turn in the agent's namespace");
+    assert_eq!(turn.as_deref(), Some("shutdown-guard-turn-0"));
+    turns
+        .give_back("shutdown-guard-turn-0")
+        .await
+        .expect("given back");
+    let elsewhere = shutdown_guard::kube::turns::Turns::new(
+        Api::namespaced(agent.clone(), "kube-node-lease"),
+        NODE,
+        1,
+    );
+    let err = elsewhere
+        .try_take()
+        .await
+        .expect_err("a Lease outside its namespace");
+    assert_eq!(identity::api_code(&err), Some(403), "{err}");
     let nodes: Api<Node> = Api::all(agent.clone());
     let merge = |v: serde_json::Value| Patch::Merge(v);
     let pp = PatchParams::default();

@@ -516,3 +516,153 @@ async fn migrations_avoid_a_node_whose_reboot_is_pending() {
     drop((agent, second));
     bed.shutdown().await.expect("teardown");
 }
+
+/// Four nodes; node-1, node-2 and node-3 each run two VMIs and an agent, and all three have
+/// their reboot scheduled for the same moment (unattended-upgrades' `Automatic-Reboot-Time`).
+/// They pre-drain in turns (one at a time: the default), never two at once (from the audit
+/// log: each node's first eviction after the previous node's last VMI left), every VMI
+/// migrates exactly once (to node-4, the one node whose reboot is not pending), and none is
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapping_scheduled_reboots_pre_drain_in_turns() {
+    let bed = start_bed(BedOptions {
+        nodes: 4,
+        vms: "live=2".parse().unwrap(),
+        loginds: testbed::bed::Loginds::First(3),
+        inhibit_delay_max_secs: Some(DELAY_SECS),
+        kubevirt: KubeVirtOptions {
+            migration_duration: Duration::from_secs(3),
+            ..KubeVirtOptions::default()
+        },
+        ..BedOptions::default()
+    })
+    .await;
+    let spread = [
+        ("node-1", "default"),
+        ("node-2", "second"),
+        ("node-3", "third"),
+    ];
+    for (node, ns) in &spread[1..] {
+        bed.control_plane
+            .create_namespace(ns)
+            .await
+            .expect("namespace");
+        bed.kubevirt
+            .create_vmis(ns, node, &"live=2".parse().unwrap())
+            .await
+            .expect("VMIs");
+    }
+    let mut recorders = Vec::new();
+    let mut agents = Vec::new();
+    for (node, _) in &spread {
+        recorders.push(Recorder::start(bed.client(), node).await);
+        let agent = Agent::spawn_on(&bed, node, &[]).await;
+        let n = bed.node(node).unwrap();
+        let locked = testbed::wait::until(
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || async {
+                let list = n.list_inhibitors().await.ok()?;
+                list.iter().any(|i| i.who == WHO).then_some(())
+            },
+        )
+        .await;
+        assert!(
+            locked.is_some(),
+            "no lock on {node}; log:\n{}",
+            agent.log_text()
+        );
+        agents.push(agent);
+    }
+    let at = now() + Duration::from_secs(60);
+    for (node, _) in &spread {
+        let n = bed.node(node).unwrap();
+        let guard = n.logind().read().await;
+        schedule_shutdown(&guard, "reboot", at)
+            .await
+            .expect("the reboot scheduled");
+    }
+    let logs = || {
+        agents
+            .iter()
+            .map(|a| a.log_text())
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    for (node, _) in &spread {
+        let n = bed.node(node).unwrap();
+        n.wait_poweroff(Duration::from_secs(120))
+            .await
+            .unwrap_or_else(|e| panic!("{node} did not reboot: {e}; agent logs:\n{}", logs()));
+    }
+    let names = |ns: &str| [format!("{ns}/live-1"), format!("{ns}/live-2")];
+    for ((_, ns), r) in spread.iter().zip(&recorders) {
+        let vmis = names(ns);
+        let vmis: Vec<&str> = vmis.iter().map(String::as_str).collect();
+        r.wait_departed(&vmis, Duration::from_secs(5)).await;
+    }
+    let ledger = assert_none_lost(&bed).await;
+    for (_, ns) in &spread {
+        for vmi in names(ns) {
+            let fate = ledger.fate(&vmi).expect("in the ledger");
+            let targets: Vec<&str> = fate.migrations.iter().map(|m| m.to.as_str()).collect();
+            assert_eq!(
+                targets,
+                vec!["node-4"],
+                "{vmi}:\n{ledger}\nagent logs:\n{}",
+                logs()
+            );
+        }
+    }
+    // Each node's pre-drain: from its first eviction to the server's write of its last
+    // departure; sorted by start, none begins before the one before it ended.
+    let entries = audit(&bed);
+    let mut windows: Vec<(SystemTime, SystemTime, &str)> = Vec::new();
+    for ((node, ns), r) in spread.iter().zip(&recorders) {
+        let first = entries
+            .iter()
+            .filter(|e| e.subresource == "eviction" && e.verb == "create" && e.namespace == *ns)
+            .map(|e| e.received)
+            .min()
+            .unwrap_or_else(|| panic!("no eviction on {node}"));
+        let departures = r.departures();
+        let last = names(ns)
+            .iter()
+            .map(|v| {
+                let (seen, _) = departures.get(v).expect("departed");
+                server_write_before(&entries, v, *seen).expect("its departing write")
+            })
+            .max()
+            .unwrap();
+        assert!(
+            last < at,
+            "{node}'s pre-drain ended after the scheduled time"
+        );
+        windows.push((first, last, node));
+    }
+    windows.sort();
+    for pair in windows.windows(2) {
+        let ((_, end, a), (start, _, b)) = (pair[0], pair[1]);
+        assert!(
+            start >= end,
+            "{b}'s pre-drain began {} before {a}'s ended; agent logs:\n{}",
+            secs(secs_between(start, end)),
+            logs()
+        );
+    }
+    eprintln!(
+        "turns: {}; {}",
+        windows
+            .iter()
+            .map(|(s, e, n)| format!(
+                "{n} +{}..+{}",
+                secs(secs_between(windows[0].0, *s)),
+                secs(secs_between(windows[0].0, *e))
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        ledger.summary()
+    );
+    drop(agents);
+    bed.shutdown().await.expect("teardown");
+}

@@ -8,6 +8,7 @@
 pub mod pending;
 pub mod report;
 pub mod startup;
+pub mod turns;
 
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -222,6 +223,7 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
                 safety_margin: settings.safety_margin,
                 deadline_override: settings.deadline,
                 pre_drain_lead: settings.pre_drain_lead(),
+                take_turns: settings.pre_drain_turns > 0,
             },
             mark: CordonMark::boot(&boot_id),
             once: false,
@@ -233,6 +235,17 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
         reporter,
     )
     .with_idle_watches(clients.idle_watches);
+    if settings.pre_drain_turns > 0 {
+        let namespace = match settings.lease_namespace.as_str() {
+            "" => client.default_namespace().to_owned(),
+            ns => ns.to_owned(),
+        };
+        let leases = Api::namespaced(client.clone(), &namespace);
+        driver = driver.with_turns(Arc::new(turns::LeaseTurns::new(
+            crate::kube::turns::Turns::new(leases, &node, settings.pre_drain_turns),
+            &node,
+        )));
+    }
     driver.feed(input_of(first));
     if let Some(m) = schedule {
         driver.feed(input_of(m));

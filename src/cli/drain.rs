@@ -219,6 +219,7 @@ pub async fn drain(
                 safety_margin: Duration::ZERO,
                 deadline_override: Some(opts.timeout.unwrap_or(FOREVER)),
                 pre_drain_lead: None,
+                take_turns: false,
             },
             mark: CordonMark::maintenance(&rfc3339(chrono::Utc::now())),
             once: true,

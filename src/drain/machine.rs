@@ -52,6 +52,8 @@ pub struct MachineConfig {
     /// How long before a scheduled shutdown the node is drained (a pre-drain); `None`: only at
     /// `PrepareForShutdown`.
     pub pre_drain_lead: Option<Duration>,
+    /// A pre-drain waits for a cluster-wide turn ([`Effect::WantTurn`]).
+    pub take_turns: bool,
 }
 
 /// One step of a `kube::runtime::watcher` stream, with the object already reduced.
@@ -127,6 +129,8 @@ pub enum Input {
     Tick,
     /// SIGTERM or SIGINT.
     Terminate,
+    /// A turn to pre-drain was given (`true`), or the one held was lost (`false`).
+    Turn(bool),
     /// The shutdown logind has scheduled, or none (the holder tells every change); `due_in`:
     /// how far ahead its time was when it was read (the machine keeps no wall clock).
     Schedule {
@@ -184,6 +188,10 @@ pub enum Effect {
     CancelEvacuation { vmi: ObjKey },
     /// Ask logind for a new lock (after a cancelled shutdown).
     TakeLock,
+    /// Wait for a cluster-wide turn to pre-drain; the answer is [`Input::Turn`].
+    WantTurn,
+    /// Give the turn back (or stop waiting for one): this node's pre-drain is over.
+    ReleaseTurn,
     /// Something an operator must hear about (a Warning Event on the Node for the agent).
     Warn { reason: &'static str, note: String },
     /// Stop running; `draining` when a drain is cut short.
@@ -400,6 +408,14 @@ impl Track {
     }
 }
 
+/// This node's place in the pre-drain turns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TurnState {
+    None,
+    Wanted,
+    Held,
+}
+
 #[derive(Debug, Clone)]
 enum CordonState {
     /// Waits for the uncordon of a cancelled shutdown to land first, so it cannot undo ours.
@@ -544,6 +560,7 @@ pub struct Machine {
     /// The shutdown logind has scheduled, and when it is due.
     scheduled: Option<Schedule>,
     scheduled_due: Option<Instant>,
+    turn: TurnState,
     /// The instant of the last input: wake-ups are always after it.
     now: Option<Instant>,
 }
@@ -574,6 +591,7 @@ impl Machine {
             lock_refused: false,
             scheduled: None,
             scheduled_due: None,
+            turn: TurnState::None,
             now: None,
         }
     }
@@ -685,6 +703,9 @@ impl Machine {
         };
         times.extend(self.uncordon.as_ref().and_then(retry));
         times.extend(self.pre_drain_from());
+        if self.turn == TurnState::Wanted {
+            times.extend(self.scheduled_due);
+        }
         if let Phase::Draining(d) = &self.phase {
             times.push(d.deadline);
             if let CordonState::Pending(t) = &d.cordon {
@@ -958,6 +979,18 @@ impl Machine {
                 }
             }
             Input::Tick => {}
+            Input::Turn(given) => {
+                self.turn = match (given, self.turn) {
+                    (true, TurnState::Wanted) => TurnState::Held,
+                    // Given after we stopped waiting: back at once.
+                    (true, _) => {
+                        fx.push(Effect::ReleaseTurn);
+                        TurnState::None
+                    }
+                    // Lost while pre-draining: the drain goes on rather than stop half-way.
+                    (false, _) => TurnState::None,
+                };
+            }
             Input::Schedule { schedule, due_in } => {
                 self.scheduled_due = schedule.as_ref().map(|_| now + due_in);
                 if schedule != self.scheduled {
@@ -979,9 +1012,7 @@ impl Machine {
                 return fx;
             }
         }
-        if self.pre_drain_from().is_some_and(|t| now >= t) {
-            self.start_pre_drain(now, &mut fx);
-        }
+        self.take_turn(now, &mut fx);
         self.pump(now, &mut fx);
         if let Some(t) = self.uncordon.as_mut()
             && t.due(now)
@@ -1112,6 +1143,7 @@ impl Machine {
     /// Ends the drain of a cancelled shutdown or pre-drain: KubeVirt stops evacuating what we
     /// asked it to, our cordon goes, and the lock is taken again if it was given up.
     fn cancel(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        self.release_turn(fx);
         if let Phase::Draining(d) = &self.phase {
             for vmi in &d.evacuating {
                 fx.push(Effect::CancelEvacuation { vmi: vmi.clone() });
@@ -1147,6 +1179,40 @@ impl Machine {
     fn start_pre_drain(&mut self, now: Instant, fx: &mut Vec<Effect>) {
         if let (Some(due), Some(s)) = (self.scheduled_due, self.scheduled.clone()) {
             self.start(now, Some(s.kind), Some(due), fx);
+        }
+    }
+
+    /// Starts the pre-drain when it is due, after waiting for a turn where turns are taken. A
+    /// turn that has not come by the scheduled time is given up: the shutdown is drained when
+    /// it starts, as without a schedule.
+    fn take_turn(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        if self.pre_drain_from().is_some_and(|t| now >= t) {
+            match (self.cfg.take_turns, self.turn) {
+                (false, _) | (true, TurnState::Held) => self.start_pre_drain(now, fx),
+                (true, TurnState::None) => {
+                    self.turn = TurnState::Wanted;
+                    fx.push(Effect::WantTurn);
+                }
+                (true, TurnState::Wanted) => {}
+            }
+            return;
+        }
+        if self.turn == TurnState::Wanted && matches!(self.phase, Phase::Idle) {
+            let gone = self.scheduled.is_none();
+            if !gone {
+                fx.push(Effect::Warn {
+                    reason: "PreDrainTurnMissed",
+                    note: "no pre-drain turn came before the scheduled shutdown (other nodes held them); the node is drained when the shutdown starts".into(),
+                });
+            }
+            self.release_turn(fx);
+        }
+    }
+
+    fn release_turn(&mut self, fx: &mut Vec<Effect>) {
+        if self.turn != TurnState::None {
+            self.turn = TurnState::None;
+            fx.push(Effect::ReleaseTurn);
         }
     }
 
@@ -1194,6 +1260,10 @@ impl Machine {
             Phase::Idle => {}
             Phase::Draining(d) => {
                 if d.pre.take().is_some() {
+                    if self.turn != TurnState::None {
+                        self.turn = TurnState::None;
+                        fx.push(Effect::ReleaseTurn);
+                    }
                     // The scheduled shutdown has come: from now on logind's delay counts.
                     d.deadline = started
                         + drain_budget(
@@ -1333,6 +1403,8 @@ impl Machine {
                         ahead: due.saturating_duration_since(now),
                     });
                 }
+                // Empty: the next node may take its turn.
+                self.release_turn(fx);
                 return;
             }
             self.release(now, ReleaseReason::Empty, fx);

@@ -20,12 +20,17 @@ impl Bed {
 
     /// The same, draining `lead` ahead of a scheduled shutdown.
     fn with_lead(scope: Scope, lead: Option<Duration>) -> Self {
+        Self::configured(scope, lead, false)
+    }
+
+    fn configured(scope: Scope, lead: Option<Duration>, take_turns: bool) -> Self {
         let mut m = Machine::new(MachineConfig {
             node: NODE.into(),
             scope,
             safety_margin: Duration::from_secs(5),
             deadline_override: None,
             pre_drain_lead: lead,
+            take_turns,
         });
         let t0 = Instant::now();
         m.handle(
@@ -838,6 +843,7 @@ fn a_deadline_beyond_logind_is_capped_with_a_warning() {
         safety_margin: Duration::from_secs(5),
         deadline_override: Some(Duration::from_secs(600)),
         pre_drain_lead: None,
+        take_turns: false,
     });
     let t0 = Instant::now();
     m.handle(
@@ -1503,4 +1509,54 @@ fn no_pre_drain_for_a_dry_run_without_a_lead_or_for_a_schedule_moved_far_off() {
     let fx = c.feed(1_000, schedule("reboot", 120));
     assert!(fx.is_empty(), "{fx:?}");
     assert_eq!(c.m.snapshot(c.at(1_000)).phase, PhaseLabel::Draining);
+}
+
+#[test]
+fn a_pre_drain_waits_for_its_turn_and_gives_it_back_once_the_node_is_empty() {
+    let mut b = Bed::configured(Scope::Vms, Some(Duration::from_secs(300)), true);
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    let fx = b.feed(0, schedule("reboot", 60));
+    assert_eq!(fx, vec![Effect::WantTurn], "no drain before the turn");
+    assert!(b.feed(1_000, Input::Tick).is_empty(), "asked once");
+    let fx = b.feed(5_000, Input::Turn(true));
+    assert_eq!(fx.first(), Some(&Effect::Cordon), "{fx:?}");
+    assert_eq!(evicts(&fx), vec!["virt-launcher-a-abcde"]);
+    b.feed(5_010, Input::Cordoned(CordonResult::CordonedByUs));
+    let fx = b.feed(
+        20_000,
+        Input::Vmis(WatchUpdate::Applied(migrated(a.clone(), "node-2"))),
+    );
+    assert_eq!(fx, vec![Effect::ReleaseTurn], "empty: the next node's turn");
+    let fx = b.feed(
+        60_000,
+        Input::Shutdown {
+            start: true,
+            kind: Some("reboot".into()),
+        },
+    );
+    assert!(released(&fx).is_some());
+    assert!(!fx.contains(&Effect::ReleaseTurn), "given back once");
+}
+
+#[test]
+fn a_turn_that_does_not_come_before_the_scheduled_time_is_given_up_with_a_warning() {
+    let mut b = Bed::configured(Scope::Vms, Some(Duration::from_secs(300)), true);
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    assert_eq!(b.feed(0, schedule("reboot", 60)), vec![Effect::WantTurn]);
+    assert_eq!(b.m.next_wakeup(), Some(b.at(60_000)));
+    let fx = b.feed(60_000, Input::Tick);
+    assert_eq!(warned(&fx), vec!["PreDrainTurnMissed"]);
+    assert!(fx.contains(&Effect::ReleaseTurn));
+    assert_eq!(b.m.snapshot(b.at(60_000)).phase, PhaseLabel::Idle);
+    // A turn that comes after all goes straight back.
+    assert_eq!(b.feed(60_100, Input::Turn(true)), vec![Effect::ReleaseTurn]);
+    // shutdown -c while waiting: stop waiting, no warning.
+    let mut c = Bed::configured(Scope::Vms, Some(Duration::from_secs(300)), true);
+    c.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    c.feed(0, schedule("reboot", 60));
+    assert_eq!(c.feed(1_000, unscheduled()), vec![Effect::ReleaseTurn]);
 }

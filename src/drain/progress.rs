@@ -305,6 +305,7 @@ mod tests {
             safety_margin: Duration::from_secs(5),
             deadline_override: None,
             pre_drain_lead: None,
+            take_turns: false,
         })
     }
 

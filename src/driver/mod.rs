@@ -51,6 +51,15 @@ impl Gate for NoLock {
     fn retake(&self) {}
 }
 
+/// Cluster-wide turns for pre-drains: the agent's Leases ([`crate::kube::turns`]).
+pub trait TurnTaker {
+    /// Waits for a turn in the background and sends [`Input::Turn`]`(true)` on `tx` once it
+    /// is ours (or `false` if it is lost later).
+    fn want(&self, tx: mpsc::UnboundedSender<Input>);
+    /// Gives the turn back, or stops waiting for one.
+    fn release(&self);
+}
+
 /// One step of the drain, as reporters see it: what changed and the state after it.
 pub struct Step<'a> {
     pub now: Instant,
@@ -109,6 +118,7 @@ pub struct Driver<R> {
     machine: Machine,
     reporter: R,
     gate: Arc<dyn Gate + Send + Sync>,
+    turns: Option<Arc<dyn TurnTaker + Send + Sync>>,
     tx: mpsc::UnboundedSender<Input>,
     rx: mpsc::UnboundedReceiver<Input>,
 }
@@ -137,9 +147,16 @@ impl<R: Reporter> Driver<R> {
             machine: Machine::new(cfg.machine),
             reporter,
             gate,
+            turns: None,
             tx,
             rx,
         }
+    }
+
+    /// Pre-drains wait for a turn from `turns`.
+    pub fn with_turns(mut self, turns: Arc<dyn TurnTaker + Send + Sync>) -> Self {
+        self.turns = Some(turns);
+        self
     }
 
     /// Between drains, the node's watches use this client at [`Pace::Idle`]: long calls that
@@ -357,6 +374,20 @@ impl<R: Reporter> Driver<R> {
                         }
                     }
                 });
+            }
+            Effect::WantTurn => match &self.turns {
+                Some(t) => {
+                    info!(node = %node, "waiting for a pre-drain turn");
+                    t.want(self.tx.clone());
+                }
+                None => {
+                    let _ = self.tx.send(Input::Turn(true));
+                }
+            },
+            Effect::ReleaseTurn => {
+                if let Some(t) = &self.turns {
+                    t.release();
+                }
             }
             Effect::TakeLock => {
                 info!(node = %node, "taking a new lock");

@@ -243,6 +243,7 @@ fn driver(state: &Shared, log: &Log, deadline: Duration) -> Driver<Log> {
                 safety_margin: Duration::ZERO,
                 deadline_override: Some(deadline),
                 pre_drain_lead: None,
+                take_turns: false,
             },
             mark: CordonMark::maintenance("2026-01-01T00:00:00Z"),
             once: true,

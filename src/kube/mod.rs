@@ -9,6 +9,7 @@ pub mod kubevirt;
 pub mod objects;
 pub mod pods;
 pub mod taint;
+pub mod turns;
 pub mod watch;
 
 pub use kubevirt::vmi_resource;
