@@ -234,6 +234,7 @@ async fn check_reports_what_would_defeat_a_graceful_shutdown() {
         "inhibit-delay",
         "inhibitors",
         "reboot-commands",
+        "scheduled-shutdowns",
         "api-server",
         "last-drain",
         "rbac",
@@ -242,6 +243,7 @@ async fn check_reports_what_would_defeat_a_graceful_shutdown() {
         line(&ok.stdout, "PASS", name);
     }
     assert!(line(&ok.stdout, "PASS", "reboot-commands").contains("systemd 257"));
+    assert!(line(&ok.stdout, "PASS", "scheduled-shutdowns").contains("before its time"));
     assert!(line(&ok.stdout, "PASS", "last-drain").contains("no drain recorded"));
     assert!(line(&ok.stdout, "PASS", "inhibit-delay").contains("90-testbed.conf"));
     assert!(line(&ok.stdout, "PASS", "inhibitors").contains("the agent's lock is held"));

@@ -379,6 +379,40 @@ pub fn judge_reboot_commands(version: &Result<Option<String>, String>) -> Check 
     }
 }
 
+/// How a shutdown scheduled with `shutdown -r +N` (unattended-upgrades, NUT's `upsmon`) gets
+/// drained here: ahead of its time when the pre-drain is on (`lead`); otherwise when it starts,
+/// which elogind never announces (it runs the shutdown without `PrepareForShutdown` and does not
+/// wait for delay locks: measured on the bed). `systemd` is `Ok(None)` on elogind.
+pub fn judge_scheduled(systemd: &Result<Option<String>, String>, lead: Option<Duration>) -> Check {
+    const NAME: &str = "scheduled-shutdowns";
+    let elogind = matches!(systemd, Ok(None));
+    match (lead, elogind) {
+        (Some(lead), false) => Check::pass(
+            NAME,
+            format!(
+                "a scheduled shutdown is drained from {} before its time, so it starts on an                  empty node",
+                secs(lead)
+            ),
+        ),
+        (Some(lead), true) => Check::pass(
+            NAME,
+            format!(
+                "a scheduled shutdown is drained from {} before its time: the only drain it                  gets here, since elogind runs it without PrepareForShutdown and without                  waiting for the lock",
+                secs(lead)
+            ),
+        ),
+        (None, false) => Check::pass(
+            NAME,
+            "pre_drain is off: a scheduled shutdown is drained when it starts, inside              InhibitDelayMaxSec",
+        ),
+        (None, true) => Check::warn(
+            NAME,
+            "pre_drain is off and elogind runs a scheduled shutdown (`shutdown -h +N`, NUT's              upsmon, unattended-upgrades) without PrepareForShutdown and without waiting for the              lock: its VMs are not drained at all",
+            "set pre_drain: true (and pre_drain_lead long enough for a whole drain)",
+        ),
+    }
+}
+
 /// The last drain recorded on the Node against the time logind now grants one: a drain that
 /// ran out of time, or took longer than logind's delay less the margin, will not fit again.
 pub fn judge_last_drain(
@@ -825,6 +859,7 @@ pub async fn run(settings: &Settings, strict: bool) -> Result<CheckReport, Check
             )),
         }
         checks.push(judge_reboot_commands(&lf.systemd));
+        checks.push(judge_scheduled(&lf.systemd, settings.pre_drain_lead()));
     }
 
     let client = crate::kube::client(settings.kubeconfig.as_deref()).await?;
@@ -908,6 +943,20 @@ mod tests {
             mode: mode.into(),
             pid: 7,
         }
+    }
+
+    #[test]
+    fn a_scheduled_shutdown_without_pre_drain_on_elogind_is_called_out() {
+        let lead = Some(Duration::from_secs(300));
+        let systemd = Ok(Some("257.9-1~deb13u1".to_string()));
+        assert_eq!(judge_scheduled(&systemd, lead).status, Status::Pass);
+        assert_eq!(judge_scheduled(&systemd, None).status, Status::Pass);
+        let on = judge_scheduled(&Ok(None), lead);
+        assert_eq!(on.status, Status::Pass);
+        assert!(on.message.contains("only drain"), "{}", on.message);
+        let off = judge_scheduled(&Ok(None), None);
+        assert_eq!(off.status, Status::Warn);
+        assert!(off.fix.as_deref().unwrap_or("").contains("pre_drain: true"));
     }
 
     #[test]
