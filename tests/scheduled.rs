@@ -25,9 +25,11 @@ const DELAY_SECS: u64 = 5;
 /// Longer than logind's delay.
 const MIGRATION: Duration = Duration::from_secs(6);
 /// How far ahead the shutdown is scheduled: enough for three migrations two at a time
-/// (KubeVirt's default outbound limit per node) and, on systemd 252 and elogind, which do not
-/// announce a schedule, the agent's 10 s poll.
-const AHEAD: Duration = Duration::from_secs(50);
+/// (KubeVirt's default outbound limit per node, about 15 s here) before half the pre-drain's
+/// time (when a VMI still here would be stopped) and, on systemd 252 and elogind, which do not
+/// announce a schedule, the agent's 10 s poll on top.
+const AHEAD: Duration = Duration::from_secs(40);
+const AHEAD_POLLED: Duration = Duration::from_secs(50);
 const VMIS: [&str; 3] = ["default/live-1", "default/live-2", "default/live-3"];
 
 async fn bed_with_three_live_vms(logind: LogindKind) -> Bed {
@@ -65,20 +67,21 @@ struct Fired {
     log: String,
 }
 
-/// Schedules a `kind` on node-1 (which runs `logind`) [`AHEAD`] from now, with the agent run
+/// Schedules a `kind` on node-1 (which runs `logind`) `ahead` from now, with the agent run
 /// with `agent_args`, and waits for it to fire.
 async fn scheduled_shutdown_fires(
     bed: &Bed,
     logind: LogindKind,
     kind: &str,
     agent_args: &[&str],
+    ahead: Duration,
 ) -> Fired {
     let recorder = Recorder::start(bed.client(), NODE).await;
     let agent = Agent::spawn(bed, agent_args).await;
     wait_for_lock(bed, &agent, Duration::from_secs(30)).await;
-    let timeout = AHEAD + Duration::from_secs(60);
+    let timeout = ahead + Duration::from_secs(60);
     let watch = bed.watch_release(WHO, timeout).await;
-    let at = now() + AHEAD;
+    let at = now() + ahead;
     schedule(bed, kind, at).await;
     let powered_off = bed.wait_poweroff(timeout).await.unwrap_or_else(|e| {
         panic!(
@@ -144,7 +147,7 @@ fn assert_emptied_ahead(f: &Fired) -> f64 {
     last
 }
 
-/// Real systemd (trixie, 257): a reboot scheduled 50 s ahead with three VMIs whose migrations
+/// Real systemd (trixie, 257): a reboot scheduled 40 s ahead with three VMIs whose migrations
 /// each take longer than logind's delay. With the pre-drain, all three have migrated before the
 /// reboot fires, and `PrepareForShutdown` finds nothing left: logind's delay ends within a
 /// second of the scheduled time. The same reboot with the pre-drain off migrates nothing (the
@@ -152,7 +155,7 @@ fn assert_emptied_ahead(f: &Fired) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_scheduled_reboot_is_drained_ahead_and_fires_on_an_empty_node_systemd_257() {
     let bed = bed_with_three_live_vms(LogindKind::Systemd).await;
-    let f = scheduled_shutdown_fires(&bed, LogindKind::Systemd, "reboot", &[]).await;
+    let f = scheduled_shutdown_fires(&bed, LogindKind::Systemd, "reboot", &[], AHEAD).await;
     let last_left = assert_emptied_ahead(&f);
     // The timer fires at the scheduled time (systemd's default accuracy, 250 ms, late at most).
     let delay_over = secs_between(f.at, f.released.as_ref().unwrap().gone);
@@ -193,6 +196,8 @@ async fn a_scheduled_reboot_is_drained_ahead_and_fires_on_an_empty_node_systemd_
         LogindKind::Systemd,
         "reboot",
         &["--pre-drain", "false"],
+        // Nothing happens before it fires.
+        Duration::from_secs(15),
     )
     .await;
     let cordoned = f.recorder.first(|c| *c == Change::Cordoned);
@@ -225,7 +230,14 @@ async fn a_scheduled_reboot_is_drained_ahead_and_fires_on_an_empty_node_systemd_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_scheduled_reboot_is_drained_ahead_systemd_252() {
     let bed = bed_with_three_live_vms(LogindKind::SystemdBookworm).await;
-    let f = scheduled_shutdown_fires(&bed, LogindKind::SystemdBookworm, "reboot", &[]).await;
+    let f = scheduled_shutdown_fires(
+        &bed,
+        LogindKind::SystemdBookworm,
+        "reboot",
+        &[],
+        AHEAD_POLLED,
+    )
+    .await;
     let last_left = assert_emptied_ahead(&f);
     let delay_over = secs_between(f.at, f.released.as_ref().unwrap().gone);
     assert!(
@@ -249,7 +261,8 @@ async fn a_scheduled_reboot_is_drained_ahead_systemd_252() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_scheduled_poweroff_is_drained_ahead_elogind() {
     let bed = bed_with_three_live_vms(LogindKind::Elogind).await;
-    let f = scheduled_shutdown_fires(&bed, LogindKind::Elogind, "poweroff", &[]).await;
+    let f =
+        scheduled_shutdown_fires(&bed, LogindKind::Elogind, "poweroff", &[], AHEAD_POLLED).await;
     let last_left = assert_emptied_ahead(&f);
     eprintln!(
         "pre-drain (elogind): last VMI left {} before the scheduled time, power command +{}; {}",
