@@ -1286,6 +1286,10 @@ impl Machine {
             }
             Phase::Released { .. } => return,
         }
+        if pre_due.is_none() {
+            // The shutdown came before this node's turn: it no longer waits for one.
+            self.release_turn(fx);
+        }
         let deadline = pre_due.unwrap_or(started) + self.budget();
         let budget = deadline.saturating_duration_since(started);
         let kind_label = match (&kind, pre_due) {

@@ -1560,3 +1560,23 @@ fn a_turn_that_does_not_come_before_the_scheduled_time_is_given_up_with_a_warnin
     c.feed(0, schedule("reboot", 60));
     assert_eq!(c.feed(1_000, unscheduled()), vec![Effect::ReleaseTurn]);
 }
+
+#[test]
+fn a_shutdown_that_comes_while_waiting_for_a_turn_stops_the_wait() {
+    let mut b = Bed::configured(Scope::Vms, Some(Duration::from_secs(300)), true);
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    assert_eq!(b.feed(0, schedule("reboot", 60)), vec![Effect::WantTurn]);
+    let fx = b.feed(
+        1_000,
+        Input::Shutdown {
+            start: true,
+            kind: Some("reboot".into()),
+        },
+    );
+    assert!(fx.contains(&Effect::ReleaseTurn), "{fx:?}");
+    assert!(fx.contains(&Effect::Cordon));
+    // The turn granted meanwhile goes straight back.
+    assert_eq!(b.feed(1_500, Input::Turn(true)), vec![Effect::ReleaseTurn]);
+}
