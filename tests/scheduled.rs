@@ -570,21 +570,7 @@ async fn overlapping_scheduled_reboots_pre_drain_in_turns() {
     for (node, _) in &spread {
         recorders.push(Recorder::start(bed.client(), node).await);
         let agent = Agent::spawn_on(&bed, node, &[]).await;
-        let n = bed.node(node).unwrap();
-        let locked = testbed::wait::until(
-            Duration::from_secs(30),
-            Duration::from_millis(50),
-            || async {
-                let list = n.list_inhibitors().await.ok()?;
-                list.iter().any(|i| i.who == WHO).then_some(())
-            },
-        )
-        .await;
-        assert!(
-            locked.is_some(),
-            "no lock on {node}; log:\n{}",
-            agent.log_text()
-        );
+        wait_for_lock_on(&bed, node, &agent).await;
         agents.push(agent);
     }
     let at = now() + Duration::from_secs(60);

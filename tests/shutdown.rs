@@ -707,21 +707,7 @@ async fn two_nodes_power_off_together_each_drained_by_its_own_agent() {
         Agent::spawn_on(&bed, "node-2", &[]).await,
     ];
     for (node, agent) in ["node-1", "node-2"].iter().zip(&agents) {
-        let n = bed.node(node).unwrap();
-        let locked = testbed::wait::until(
-            Duration::from_secs(30),
-            Duration::from_millis(20),
-            || async {
-                let list = n.list_inhibitors().await.ok()?;
-                list.iter().any(|i| i.who == WHO).then_some(())
-            },
-        )
-        .await;
-        assert!(
-            locked.is_some(),
-            "no lock on {node}; agent log:\n{}",
-            agent.log_text()
-        );
+        wait_for_lock_on(&bed, node, agent).await;
     }
     let timeout = Duration::from_secs(60);
     let (n1, n2) = (bed.node("node-1").unwrap(), bed.node("node-2").unwrap());

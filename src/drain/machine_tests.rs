@@ -18,6 +18,16 @@ impl Bed {
         Self::with_lead(scope, None)
     }
 
+    /// Scope `vms` with VMI `a` and its launcher pod listed, draining `lead` ahead of a
+    /// scheduled shutdown, with or without turns.
+    fn one_vmi(lead: Option<Duration>, take_turns: bool) -> (Self, VmiInfo, PodInfo) {
+        let mut b = Self::configured(Scope::Vms, lead, take_turns);
+        let a = vmi("a", NODE);
+        let pa = launcher(&a, NODE);
+        b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+        (b, a, pa)
+    }
+
     /// The same, draining `lead` ahead of a scheduled shutdown.
     fn with_lead(scope: Scope, lead: Option<Duration>) -> Self {
         Self::configured(scope, lead, false)
@@ -1316,10 +1326,7 @@ fn pre_drained(m: &mut Machine) -> Vec<(String, Duration)> {
 
 #[test]
 fn a_scheduled_reboot_is_drained_its_lead_ahead_and_its_shutdown_then_released_at_once() {
-    let mut b = Bed::with_lead(Scope::Vms, Some(Duration::from_secs(60)));
-    let a = vmi("a", NODE);
-    let pa = launcher(&a, NODE);
-    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    let (mut b, a, _) = Bed::one_vmi(Some(Duration::from_secs(60)), false);
     // Due in 100 s: the pre-drain starts at 40 s.
     let fx = b.feed(0, schedule("reboot", 100));
     assert!(fx.is_empty(), "too early to drain: {fx:?}");
@@ -1370,10 +1377,7 @@ fn a_scheduled_reboot_is_drained_its_lead_ahead_and_its_shutdown_then_released_a
 
 #[test]
 fn shutdown_c_undoes_a_pre_drain_uncordons_and_cancels_its_evacuations() {
-    let mut b = Bed::with_lead(Scope::Vms, Some(Duration::from_secs(300)));
-    let a = vmi("a", NODE);
-    let pa = launcher(&a, NODE);
-    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    let (mut b, a, pa) = Bed::one_vmi(Some(Duration::from_secs(300)), false);
     let fx = b.feed(0, schedule("reboot", 60));
     assert_eq!(
         fx.first(),
@@ -1414,10 +1418,7 @@ fn shutdown_c_undoes_a_pre_drain_uncordons_and_cancels_its_evacuations() {
 
 #[test]
 fn a_schedule_gone_at_its_time_has_fired_and_prepare_for_shutdown_takes_over() {
-    let mut b = Bed::with_lead(Scope::Vms, Some(Duration::from_secs(300)));
-    let a = vmi("a", NODE);
-    let pa = launcher(&a, NODE);
-    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    let (mut b, _, _) = Bed::one_vmi(Some(Duration::from_secs(300)), false);
     b.feed(0, schedule("poweroff", 30));
     b.feed(5, Input::Cordoned(CordonResult::CordonedByUs));
     // systemd 252 clears the property as it fires; the poll sees it before the signal.
@@ -1443,10 +1444,7 @@ fn a_schedule_gone_at_its_time_has_fired_and_prepare_for_shutdown_takes_over() {
 
 #[test]
 fn a_pre_drain_whose_shutdown_never_comes_is_undone_at_its_deadline_and_not_started_again() {
-    let mut b = Bed::with_lead(Scope::Vms, Some(Duration::from_secs(300)));
-    let a = vmi("a", NODE);
-    let pa = launcher(&a, NODE);
-    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    let (mut b, _, _) = Bed::one_vmi(Some(Duration::from_secs(300)), false);
     b.feed(0, schedule("reboot", 30));
     b.feed(5, Input::Cordoned(CordonResult::CordonedByUs));
     assert_eq!(b.m.next_wakeup().map(|t| t <= b.at(55_000)), Some(true));
@@ -1461,10 +1459,7 @@ fn a_pre_drain_whose_shutdown_never_comes_is_undone_at_its_deadline_and_not_star
 
 #[test]
 fn a_pre_drain_stops_what_cannot_migrate_only_by_the_shutdown_s_own_deadline() {
-    let mut b = Bed::with_lead(Scope::Vms, Some(Duration::from_secs(300)));
-    let a = vmi("a", NODE);
-    let pa = launcher(&a, NODE);
-    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    let (mut b, _, pa) = Bed::one_vmi(Some(Duration::from_secs(300)), false);
     // Due in 200 s, deadline 225 s, 60 s of grace: stopped at 165 s, not at half the budget.
     b.feed(0, schedule("reboot", 200));
     b.feed(5, Input::Cordoned(CordonResult::CordonedByUs));
@@ -1513,10 +1508,7 @@ fn no_pre_drain_for_a_dry_run_without_a_lead_or_for_a_schedule_moved_far_off() {
 
 #[test]
 fn a_pre_drain_waits_for_its_turn_and_gives_it_back_once_the_node_is_empty() {
-    let mut b = Bed::configured(Scope::Vms, Some(Duration::from_secs(300)), true);
-    let a = vmi("a", NODE);
-    let pa = launcher(&a, NODE);
-    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    let (mut b, a, _) = Bed::one_vmi(Some(Duration::from_secs(300)), true);
     let fx = b.feed(0, schedule("reboot", 60));
     assert_eq!(fx, vec![Effect::WantTurn], "no drain before the turn");
     assert!(b.feed(1_000, Input::Tick).is_empty(), "asked once");
@@ -1542,10 +1534,7 @@ fn a_pre_drain_waits_for_its_turn_and_gives_it_back_once_the_node_is_empty() {
 
 #[test]
 fn a_turn_that_does_not_come_before_the_scheduled_time_is_given_up_with_a_warning() {
-    let mut b = Bed::configured(Scope::Vms, Some(Duration::from_secs(300)), true);
-    let a = vmi("a", NODE);
-    let pa = launcher(&a, NODE);
-    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    let (mut b, a, pa) = Bed::one_vmi(Some(Duration::from_secs(300)), true);
     assert_eq!(b.feed(0, schedule("reboot", 60)), vec![Effect::WantTurn]);
     assert_eq!(b.m.next_wakeup(), Some(b.at(60_000)));
     let fx = b.feed(60_000, Input::Tick);
@@ -1563,10 +1552,7 @@ fn a_turn_that_does_not_come_before_the_scheduled_time_is_given_up_with_a_warnin
 
 #[test]
 fn a_shutdown_that_comes_while_waiting_for_a_turn_stops_the_wait() {
-    let mut b = Bed::configured(Scope::Vms, Some(Duration::from_secs(300)), true);
-    let a = vmi("a", NODE);
-    let pa = launcher(&a, NODE);
-    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    let (mut b, _, _) = Bed::one_vmi(Some(Duration::from_secs(300)), true);
     assert_eq!(b.feed(0, schedule("reboot", 60)), vec![Effect::WantTurn]);
     let fx = b.feed(
         1_000,

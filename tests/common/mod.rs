@@ -119,6 +119,26 @@ pub async fn guard_lock(bed: &Bed) -> Option<Inhibitor> {
         .find(|i| i.who == WHO && i.mode == "delay" && i.what.contains("shutdown"))
 }
 
+/// Waits (30 s at most) until `node`'s logind lists the lock of `agent` running there; panics
+/// with its log otherwise.
+pub async fn wait_for_lock_on(bed: &Bed, node: &str, agent: &Agent) {
+    let n = bed.node(node).expect("the node runs a logind");
+    let locked = wait::until(
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        || async {
+            let list = n.list_inhibitors().await.ok()?;
+            list.iter().any(|i| i.who == WHO).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        locked.is_some(),
+        "no lock on {node}; agent log:\n{}",
+        agent.log_text()
+    );
+}
+
 /// Polls logind (every 50 ms, at most `timeout`) until the agent's delay lock shows.
 pub async fn poll_guard_lock(bed: &Bed, timeout: Duration) -> Option<Inhibitor> {
     wait::until(timeout, Duration::from_millis(50), || guard_lock(bed)).await
