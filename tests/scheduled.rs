@@ -47,12 +47,23 @@ async fn bed_with_three_live_vms(logind: LogindKind) -> Bed {
     .await
 }
 
-async fn schedule(bed: &Bed, kind: &str, at: SystemTime) {
-    let node = bed.node(NODE).unwrap();
-    let guard = node.logind().read().await;
+/// `shutdown -r <at>` on `node`, as logind takes it.
+async fn schedule_on(bed: &Bed, node: &str, kind: &str, at: SystemTime) {
+    let n = bed.node(node).unwrap();
+    let guard = n.logind().read().await;
     schedule_shutdown(&guard, kind, at)
         .await
-        .expect("logind schedules the shutdown");
+        .unwrap_or_else(|e| panic!("logind on {node} does not schedule the {kind}: {e}"));
+}
+
+/// `shutdown -c` on `node`; asserts there was a schedule to cancel.
+async fn cancel_on(bed: &Bed, node: &str) {
+    let n = bed.node(node).unwrap();
+    let guard = n.logind().read().await;
+    let cancelled = cancel_scheduled_shutdown(&guard)
+        .await
+        .unwrap_or_else(|e| panic!("shutdown -c on {node}: {e}"));
+    assert!(cancelled, "{node} had no schedule to cancel");
 }
 
 /// What a scheduled shutdown that fired looked like.
@@ -82,7 +93,7 @@ async fn scheduled_shutdown_fires(
     let timeout = ahead + Duration::from_secs(60);
     let watch = bed.watch_release(WHO, timeout).await;
     let at = now() + ahead;
-    schedule(bed, kind, at).await;
+    schedule_on(bed, NODE, kind, at).await;
     let powered_off = bed.wait_poweroff(timeout).await.unwrap_or_else(|e| {
         panic!(
             "node-1 did not shut down at the scheduled time: {e}; agent log:\n{}",
@@ -302,7 +313,7 @@ async fn shutdown_c_undoes_the_pre_drain_systemd_257() {
     let recorder = Recorder::start(bed.client(), NODE).await;
     let agent = Agent::spawn(&bed, &[]).await;
     wait_for_lock(&bed, &agent, Duration::from_secs(30)).await;
-    schedule(&bed, "reboot", now() + Duration::from_secs(60)).await;
+    schedule_on(&bed, NODE, "reboot", now() + Duration::from_secs(60)).await;
     let evacuating = testbed::wait::until(
         Duration::from_secs(20),
         Duration::from_millis(100),
@@ -323,15 +334,7 @@ async fn shutdown_c_undoes_the_pre_drain_systemd_257() {
     );
     assert!(unschedulable(&bed).await, "node-1 not cordoned");
     let cancelled_at = now();
-    {
-        let node = bed.node(NODE).unwrap();
-        let guard = node.logind().read().await;
-        assert!(
-            cancel_scheduled_shutdown(&guard)
-                .await
-                .expect("shutdown -c")
-        );
-    }
+    cancel_on(&bed, NODE).await;
     let uncordoned = testbed::wait::until(
         Duration::from_secs(10),
         Duration::from_millis(100),
@@ -451,13 +454,7 @@ async fn migrations_avoid_a_node_whose_reboot_is_pending() {
         !wait_taint(&bed, "node-2", true, Duration::from_secs(3)).await,
         "node-2 tainted with nothing pending"
     );
-    let n2 = bed.node("node-2").unwrap();
-    {
-        let guard = n2.logind().read().await;
-        schedule_shutdown(&guard, "reboot", now() + Duration::from_secs(3600))
-            .await
-            .expect("node-2's reboot scheduled");
-    }
+    schedule_on(&bed, "node-2", "reboot", now() + Duration::from_secs(3600)).await;
     assert!(
         wait_taint(&bed, "node-2", true, Duration::from_secs(20)).await,
         "node-2 not tainted for its pending reboot; its agent's log:\n{}",
@@ -501,14 +498,7 @@ async fn migrations_avoid_a_node_whose_reboot_is_pending() {
     }
     eprintln!("pending reboot on node-2: {}", ledger.summary());
 
-    {
-        let guard = n2.logind().read().await;
-        assert!(
-            cancel_scheduled_shutdown(&guard)
-                .await
-                .expect("shutdown -c on node-2")
-        );
-    }
+    cancel_on(&bed, "node-2").await;
     assert!(
         wait_taint(&bed, "node-2", false, Duration::from_secs(20)).await,
         "the taint stayed after shutdown -c; node-2's agent log:\n{}",
@@ -575,11 +565,7 @@ async fn overlapping_scheduled_reboots_pre_drain_in_turns() {
     }
     let at = now() + Duration::from_secs(60);
     for (node, _) in &spread {
-        let n = bed.node(node).unwrap();
-        let guard = n.logind().read().await;
-        schedule_shutdown(&guard, "reboot", at)
-            .await
-            .expect("the reboot scheduled");
+        schedule_on(&bed, node, "reboot", at).await;
     }
     let logs = || {
         agents

@@ -25,7 +25,7 @@ use crate::admin::{self, AdminState};
 use crate::config::Settings;
 use crate::drain::keeper::Tell;
 use crate::drain::machine::{Input, MachineConfig, Note};
-use crate::drain::model::ObjKey;
+use crate::drain::model::{ObjKey, Schedule};
 use crate::driver::{Driver, DriverConfig, DriverError, Gate, Outcome, Reporter, Step};
 use crate::holder::link::{LinkError, ToHolder};
 use crate::host::bootid;
@@ -124,6 +124,13 @@ fn input_of(m: Tell) -> Input {
     }
 }
 
+/// A schedule the holder tells goes to the pending-reboot taint as well as to the drain.
+fn share_schedule(to: &tokio::sync::watch::Sender<Option<Schedule>>, m: &Tell) {
+    if let Tell::Schedule(s) = m {
+        to.send_replace(s.clone());
+    }
+}
+
 /// Runs the worker until the holder goes away or SIGTERM/SIGINT.
 pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunError> {
     let node = settings.node.clone();
@@ -186,9 +193,7 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
             Some(l) => match l.parse::<Tell>() {
                 Ok(m @ (Tell::Lock { .. } | Tell::NoLock { .. })) => break m,
                 Ok(m @ Tell::Schedule(_)) => {
-                    if let Tell::Schedule(s) = &m {
-                        schedules.send_replace(s.clone());
-                    }
+                    share_schedule(&schedules, &m);
                     schedule = Some(m)
                 }
                 Ok(other) => warn!(node = %node, message = %other, "before the lock; ignored"),
@@ -292,9 +297,7 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
         let r = match line.map(|l| l.parse::<Tell>()) {
             None => Some(Input::Terminate),
             Some(Ok(m)) => {
-                if let Tell::Schedule(s) = &m {
-                    schedules.send_replace(s.clone());
-                }
+                share_schedule(&schedules, &m);
                 Some(input_of(m))
             }
             Some(Err(LinkError { line, .. })) => {

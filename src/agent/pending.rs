@@ -38,7 +38,7 @@ impl std::fmt::Display for Pending {
 
 /// A schedule that will really take the node down (not logind's `dry-*`), else the marker.
 pub fn pending(schedule: Option<&Schedule>, marker: Option<&PathBuf>) -> Option<Pending> {
-    if let Some(s) = schedule.filter(|s| !s.kind.starts_with("dry-")) {
+    if let Some(s) = schedule.filter(|s| s.takes_node_down()) {
         return Some(Pending::Scheduled(s.kind.clone()));
     }
     marker.map(|p| Pending::Marker(p.clone()))

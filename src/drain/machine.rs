@@ -1170,10 +1170,10 @@ impl Machine {
     fn pre_drain_from(&self) -> Option<Instant> {
         let lead = self.cfg.pre_drain_lead?;
         let due = self.scheduled_due?;
-        let kind = &self.scheduled.as_ref()?.kind;
+        let real = self.scheduled.as_ref()?.takes_node_down();
         let idle = matches!(self.phase, Phase::Idle);
         let ahead = self.now.is_none_or(|now| now < due);
-        (idle && ahead && pre_drains(kind)).then(|| due.checked_sub(lead).unwrap_or(due))
+        (idle && ahead && real).then(|| due.checked_sub(lead).unwrap_or(due))
     }
 
     fn start_pre_drain(&mut self, now: Instant, fx: &mut Vec<Effect>) {
@@ -1229,17 +1229,18 @@ impl Machine {
         };
         let budget = self.budget();
         let lead = self.cfg.pre_drain_lead.unwrap_or_default();
-        let kind = self.scheduled.as_ref().map(|s| s.kind.clone());
-        match (self.scheduled_due, kind) {
-            (Some(due), Some(kind))
-                if pre_drains(&kind) && due.checked_sub(lead).is_none_or(|from| from <= now) =>
-            {
+        let real = self
+            .scheduled
+            .as_ref()
+            .is_some_and(Schedule::takes_node_down);
+        match self.scheduled_due {
+            Some(due) if real && due.checked_sub(lead).is_none_or(|from| from <= now) => {
                 if let Phase::Draining(d) = &mut self.phase {
                     d.pre = Some(due);
                     d.deadline = due + budget;
                 }
             }
-            (None, _) if now + FIRING_SLACK >= was_due => {}
+            None if now + FIRING_SLACK >= was_due => {}
             _ => self.cancel(now, fx),
         }
     }
@@ -1256,21 +1257,17 @@ impl Machine {
         pre_due: Option<Instant>,
         fx: &mut Vec<Effect>,
     ) {
+        if pre_due.is_none() {
+            // The shutdown has come: this node no longer waits for a turn, nor needs one.
+            self.release_turn(fx);
+        }
+        let budget = self.budget();
         match &mut self.phase {
             Phase::Idle => {}
             Phase::Draining(d) => {
                 if d.pre.take().is_some() {
-                    if self.turn != TurnState::None {
-                        self.turn = TurnState::None;
-                        fx.push(Effect::ReleaseTurn);
-                    }
                     // The scheduled shutdown has come: from now on logind's delay counts.
-                    d.deadline = started
-                        + drain_budget(
-                            self.delay_max,
-                            self.cfg.safety_margin,
-                            self.cfg.deadline_override,
-                        );
+                    d.deadline = started + budget;
                     if kind.is_some() {
                         d.kind = kind;
                     }
@@ -1286,11 +1283,7 @@ impl Machine {
             }
             Phase::Released { .. } => return,
         }
-        if pre_due.is_none() {
-            // The shutdown came before this node's turn: it no longer waits for one.
-            self.release_turn(fx);
-        }
-        let deadline = pre_due.unwrap_or(started) + self.budget();
+        let deadline = pre_due.unwrap_or(started) + budget;
         let budget = deadline.saturating_duration_since(started);
         let kind_label = match (&kind, pre_due) {
             (Some(k), Some(_)) => format!("scheduled-{k}"),
@@ -1621,12 +1614,6 @@ impl Machine {
         }
         out
     }
-}
-
-/// Whether a scheduled shutdown of this type takes the node down: logind's `dry-*` types
-/// (`shutdown --dry-run`) only pretend.
-fn pre_drains(kind: &str) -> bool {
-    !kind.starts_with("dry-")
 }
 
 /// Names an Event note lists before summarising the rest (notes are capped at 1 kB).

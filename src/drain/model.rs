@@ -30,6 +30,14 @@ pub struct Schedule {
     pub at: SystemTime,
 }
 
+impl Schedule {
+    /// Whether it will take the node down: logind's `dry-*` types (`shutdown --dry-run`) only
+    /// pretend.
+    pub fn takes_node_down(&self) -> bool {
+        !self.kind.starts_with("dry-")
+    }
+}
+
 /// Which pods a drain evicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Scope {
