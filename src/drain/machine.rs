@@ -633,6 +633,12 @@ impl Machine {
         &self.phase
     }
 
+    /// How many VMIs and pods the node's watches hold, once both have listed the node.
+    pub fn listed(&self) -> Option<(usize, usize)> {
+        (self.vmis.synced && self.pods.synced)
+            .then_some((self.vmis.live.len(), self.pods.live.len()))
+    }
+
     pub fn lock_held(&self) -> bool {
         self.lock_held
     }

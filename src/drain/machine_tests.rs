@@ -346,6 +346,21 @@ fn empty_node_released_once_cordoned_and_not_before_watches_synced() {
 }
 
 #[test]
+fn the_node_counts_as_listed_once_both_watches_have_synced() {
+    let mut b = Bed::new(Scope::Vms);
+    let a = vmi("a", NODE);
+    assert_eq!(b.m.listed(), None);
+    b.feed(0, Input::Vmis(WatchUpdate::Reset));
+    b.feed(0, Input::Vmis(WatchUpdate::Listed(a.clone())));
+    b.feed(0, Input::Vmis(WatchUpdate::Synced));
+    assert_eq!(b.m.listed(), None, "the pods are not listed yet");
+    b.feed(0, Input::Pods(WatchUpdate::Reset));
+    b.feed(0, Input::Pods(WatchUpdate::Listed(launcher(&a, NODE))));
+    b.feed(0, Input::Pods(WatchUpdate::Synced));
+    assert_eq!(b.m.listed(), Some((1, 1)));
+}
+
+#[test]
 fn relist_does_not_empty_the_node_early() {
     let mut b = Bed::new(Scope::Vms);
     let a = vmi("a", NODE);

@@ -119,6 +119,8 @@ pub struct Driver<R> {
     reporter: R,
     gate: Arc<dyn Gate + Send + Sync>,
     turns: Option<Arc<dyn TurnTaker + Send + Sync>>,
+    /// The node's first complete listing has been logged.
+    listed: bool,
     tx: mpsc::UnboundedSender<Input>,
     rx: mpsc::UnboundedReceiver<Input>,
 }
@@ -148,6 +150,7 @@ impl<R: Reporter> Driver<R> {
             reporter,
             gate,
             turns: None,
+            listed: false,
             tx,
             rx,
         }
@@ -228,6 +231,13 @@ impl<R: Reporter> Driver<R> {
         let fx = self.machine.handle(now, input);
         let mut notes = self.machine.take_notes();
         log_notes(&self.node, &notes);
+        if !self.listed
+            && let Some((vmis, pods)) = self.machine.listed()
+        {
+            // From here a shutdown's first evictions need no list of their own.
+            self.listed = true;
+            info!(node = %self.node, vmis, pods, "node listed");
+        }
         let (urgent, rest): (Vec<Effect>, Vec<Effect>) = fx
             .into_iter()
             .partition(|e| matches!(e, Effect::ReleaseLock { .. }));

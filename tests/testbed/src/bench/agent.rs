@@ -14,6 +14,8 @@ use crate::pod::{Pod, PodOutput, PodSpec};
 /// `who` of the agent's inhibitor.
 pub const WHO: &str = "shutdown-guard";
 const COMM: &str = "shutdown-guard";
+/// The worker's log message once its node's VMIs and pods are listed.
+const LISTED: &str = "node listed";
 
 pub struct AgentPod {
     pub pod: Pod,
@@ -63,33 +65,51 @@ impl AgentPod {
         crate::controlplane::log_tail(&self.log, 30)
     }
 
-    /// Waits until logind lists the agent's delay lock.
-    pub async fn wait_lock(&mut self, bed: &Bed, timeout: Duration) -> Result<()> {
+    /// Waits until logind lists the agent's delay lock and the agent has listed its node's
+    /// VMIs and pods: a shutdown in the first milliseconds of a worker would time its first
+    /// list, which a node up for longer never waits for.
+    pub async fn wait_ready(&mut self, bed: &Bed, timeout: Duration) -> Result<()> {
         let node = bed.node(&self.node)?;
         let end = tokio::time::Instant::now() + timeout;
+        let mut held = false;
         loop {
             if let Ok(Some(status)) = self.pod.try_wait() {
                 bail!(
-                    "the agent exited ({status}) before taking its lock; its log:\n{}",
+                    "the agent exited ({status}) before it was ready; its log:\n{}",
                     self.log_tail()
                 );
             }
-            let held = node
-                .list_inhibitors()
-                .await
-                .map(|l| l.iter().any(|i| i.who == WHO && i.mode == "delay"))
-                .unwrap_or(false);
-            if held {
+            held = held
+                || node
+                    .list_inhibitors()
+                    .await
+                    .map(|l| l.iter().any(|i| i.who == WHO && i.mode == "delay"))
+                    .unwrap_or(false);
+            if held && self.logged(LISTED) {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= end {
+                let missing = if held {
+                    "did not list its node"
+                } else {
+                    "took no lock"
+                };
                 bail!(
-                    "the agent took no lock within {timeout:?}; its log:\n{}",
+                    "the agent {missing} within {timeout:?}; its log:\n{}",
                     self.log_tail()
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The agent's JSON log has a line with this message.
+    fn logged(&self, message: &str) -> bool {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| v.get("message").and_then(|m| m.as_str()) == Some(message))
     }
 
     /// Host PIDs of the holder and the worker it started, once both run.

@@ -158,7 +158,7 @@ impl Agents {
         }
         for node in nodes {
             let pod = self.pods.get_mut(node).expect("just started");
-            pod.wait_lock(bed, Duration::from_secs(120))
+            pod.wait_ready(bed, Duration::from_secs(120))
                 .await
                 .with_context(|| format!("the agent on {node}"))?;
         }
@@ -186,10 +186,13 @@ pub async fn run(s: &Settings) -> Result<Fleet> {
     })
     .await
     .context("starting the fleet's bed")?;
-    let result = run_in(&mut bed, s, &mut fleet).await;
+    // A size that fails (its agents do not start, say) keeps the sizes measured before it.
+    if let Err(e) = run_in(&mut bed, s, &mut fleet).await {
+        eprintln!("bench: fleet stopped: {e:#}");
+        fleet.failures.push(format!("{e:#}"));
+    }
     bed.shutdown().await.context("tearing the bed down")?;
     fleet.load.end();
-    result?;
     Ok(fleet)
 }
 

@@ -174,7 +174,7 @@ async fn ready_agent(bed: &Bed, s: &Settings, kubeconfig: &Path, ns: &str) -> Re
     let spec: VmSpec = format!("live={}", s.latency_vms).parse()?;
     bed.kubevirt.create_vmis(ns, NODE, &spec).await?;
     let mut agent = AgentPod::spawn(bed, NODE, &s.agent, kubeconfig).await?;
-    agent.wait_lock(bed, Duration::from_secs(30)).await?;
+    agent.wait_ready(bed, Duration::from_secs(30)).await?;
     Ok(agent)
 }
 

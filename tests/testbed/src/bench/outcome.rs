@@ -296,7 +296,7 @@ async fn run_cell(
     match tool {
         Tool::Guard => {
             let mut a = AgentPod::spawn(bed, NODE, &s.agent, kubeconfig).await?;
-            a.wait_lock(bed, Duration::from_secs(30)).await?;
+            a.wait_ready(bed, Duration::from_secs(30)).await?;
             agent = Some(a);
         }
         Tool::Kubelet => {
