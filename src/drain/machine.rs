@@ -548,6 +548,9 @@ pub struct Machine {
     cordoned_by_us: bool,
     vmis: Inventory<VmiInfo>,
     pods: Inventory<PodInfo>,
+    /// Each VMI's running launcher pod on this node (VMI UID → pod UID), kept with the pods:
+    /// asked for every VMI on every input, a scan of all pods each time grows with VMIs × pods.
+    launchers: HashMap<String, String>,
     /// Per-VMI progress of the current or last drain.
     progress: Option<Tracked>,
     notes: Vec<Note>,
@@ -584,6 +587,7 @@ impl Machine {
             cordoned_by_us: false,
             vmis: Inventory::default(),
             pods: Inventory::default(),
+            launchers: HashMap::new(),
             progress: None,
             notes: Vec::new(),
             released_now: None,
@@ -759,19 +763,33 @@ impl Machine {
     }
 
     fn launcher_of(&self, vmi_uid: &str) -> Option<&PodInfo> {
-        let mut pods: Vec<&PodInfo> = self
-            .pods
-            .live
-            .values()
-            .filter(|p| {
-                p.is_launcher
-                    && !p.is_finished()
-                    && p.node_name.as_deref() == Some(self.cfg.node.as_str())
-                    && p.created_by.as_deref() == Some(vmi_uid)
+        self.launchers
+            .get(vmi_uid)
+            .and_then(|uid| self.pods.live.get(uid))
+    }
+
+    /// Rebuilds [`Machine::launchers`] from the pods: per VMI the first of its running
+    /// launcher pods on this node by name (two during a migration into the node, briefly).
+    fn index_launchers(&mut self) {
+        let node = self.cfg.node.as_str();
+        let mut index: HashMap<String, &PodInfo> = HashMap::new();
+        for p in
+            self.pods.live.values().filter(|p| {
+                p.is_launcher && !p.is_finished() && p.node_name.as_deref() == Some(node)
             })
+        {
+            let Some(vmi) = p.created_by.as_ref() else {
+                continue;
+            };
+            let first = index.entry(vmi.clone()).or_insert(p);
+            if p.key < first.key {
+                *first = p;
+            }
+        }
+        self.launchers = index
+            .into_iter()
+            .map(|(vmi, p)| (vmi, p.uid.clone()))
             .collect();
-        pods.sort_by(|a, b| a.key.cmp(&b.key));
-        pods.into_iter().next()
     }
 
     /// Takes one input at `now` and returns what must be done; [`Machine::take_notes`] then
@@ -835,7 +853,10 @@ impl Machine {
                 }
                 self.vmis.apply(u, |v| v.uid.clone())
             }
-            Input::Pods(u) => self.pods.apply(u, |p| p.uid.clone()),
+            Input::Pods(u) => {
+                self.pods.apply(u, |p| p.uid.clone());
+                self.index_launchers();
+            }
             Input::Cordoned(r) => {
                 if r == CordonResult::CordonedByUs {
                     self.cordoned_by_us = true;

@@ -361,6 +361,27 @@ fn the_node_counts_as_listed_once_both_watches_have_synced() {
 }
 
 #[test]
+fn a_vmis_launcher_follows_the_pod_watch() {
+    let mut b = Bed::new(Scope::Vms);
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    assert_eq!(b.m.launcher(&a.uid), Some(&pa));
+    // A second launcher of the same VMI here (a migration target): the first by name counts.
+    let mut early = launcher(&a, NODE);
+    early.uid = "uid-pod-a-early".into();
+    early.key.name = "virt-launcher-a-0000".into();
+    b.feed(1, Input::Pods(WatchUpdate::Applied(early.clone())));
+    assert_eq!(b.m.launcher(&a.uid), Some(&early));
+    b.feed(2, Input::Pods(WatchUpdate::Deleted(early)));
+    assert_eq!(b.m.launcher(&a.uid), Some(&pa));
+    let mut done = pa.clone();
+    done.phase = Some("Succeeded".into());
+    b.feed(3, Input::Pods(WatchUpdate::Applied(done)));
+    assert_eq!(b.m.launcher(&a.uid), None, "a finished pod is no launcher");
+}
+
+#[test]
 fn relist_does_not_empty_the_node_early() {
     let mut b = Bed::new(Scope::Vms);
     let a = vmi("a", NODE);
