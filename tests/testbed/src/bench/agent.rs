@@ -3,9 +3,10 @@
 //! user). Footprints cover both processes.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
+use chrono::{DateTime, Utc};
 
 use super::procfs;
 use crate::bed::Bed;
@@ -105,11 +106,7 @@ impl AgentPod {
 
     /// The agent's JSON log has a line with this message.
     fn logged(&self, message: &str) -> bool {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .any(|v| v.get("message").and_then(|m| m.as_str()) == Some(message))
+        marks(&self.log).iter().any(|(m, _)| m == message)
     }
 
     /// Host PIDs of the holder and the worker it started, once both run.
@@ -131,4 +128,17 @@ impl AgentPod {
     pub async fn stop(mut self) {
         self.pod.kill().await;
     }
+}
+
+/// `(message, when)` of each JSON log line of the agent, in order.
+pub fn marks(log: &Path) -> Vec<(String, SystemTime)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            let at: DateTime<Utc> = v.get("timestamp")?.as_str()?.parse().ok()?;
+            Some((v.get("message")?.as_str()?.to_owned(), at.into()))
+        })
+        .collect()
 }

@@ -11,10 +11,9 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, ensure};
-use chrono::{DateTime, Utc};
 use futures::StreamExt;
 
-use super::agent::{AgentPod, WHO};
+use super::agent::{AgentPod, WHO, marks};
 use super::audit::{self, RequestCounts};
 use super::procfs::{self, Load, Memory};
 use super::{AGENT_USER, Settings, outcome};
@@ -120,19 +119,6 @@ fn watch_lock_fd(
         }
         None
     }))
-}
-
-/// `(message, when)` of each JSON log line of the agent, in order.
-fn marks(log: &Path) -> Vec<(String, SystemTime)> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| {
-            let at: DateTime<Utc> = v.get("timestamp")?.as_str()?.parse().ok()?;
-            Some((v.get("message")?.as_str()?.to_owned(), at.into()))
-        })
-        .collect()
 }
 
 fn mark(marks: &[(String, SystemTime)], message: &str, last: bool) -> Option<SystemTime> {
