@@ -37,8 +37,8 @@ use super::Ctx;
 use super::crds::VirtualMachineInstance;
 use super::hotplug;
 use super::launcher::{
-    self, BOOT_SECONDS_ANNOTATION, INITIAL_NODE_ANNOTATION, LIVE_MIGRATABLE_ANNOTATION,
-    NODE_NAME_LABEL,
+    self, BOOT_SECONDS_ANNOTATION, DEFAULT_VMI_GRACE_SECONDS, INITIAL_NODE_ANNOTATION,
+    LIVE_MIGRATABLE_ANNOTATION, NODE_NAME_LABEL,
 };
 
 /// The finalizer virt-api's VMI mutator adds (`VirtualMachineInstanceFinalizer`).
@@ -352,6 +352,9 @@ async fn sync_vmis(ctx: &Arc<Ctx>, creating: &mut HashMap<String, Instant>) -> O
 }
 
 /// A deleted VMI: its pods go (gracefully, so the domain shuts down), then its finalizer.
+/// Upstream's virt-handler shuts the domain down within the VMI's own
+/// `terminationGracePeriodSeconds` as it is at the deletion (virt-api's `stop` with a
+/// `gracePeriod` shortens it first); here the launcher pods get that grace.
 async fn delete_vmi(
     ctx: &Ctx,
     api: &Api<VirtualMachineInstance>,
@@ -361,12 +364,20 @@ async fn delete_vmi(
     let name = vmi.metadata.name.clone().unwrap_or_default();
     let ns = vmi.metadata.namespace.clone().unwrap_or_default();
     let pod_api = Api::<Pod>::namespaced(ctx.client.clone(), &ns);
+    let grace = vmi
+        .spec
+        .termination_grace_period_seconds
+        .unwrap_or(DEFAULT_VMI_GRACE_SECONDS)
+        .clamp(1, u32::MAX as i64) as u32;
     for pod in pods {
         if pod.metadata.deletion_timestamp.is_none() {
             let _ = pod_api
                 .delete(
                     pod.metadata.name.as_deref().unwrap_or_default(),
-                    &DeleteParams::default(),
+                    &DeleteParams {
+                        grace_period_seconds: Some(grace),
+                        ..DeleteParams::default()
+                    },
                 )
                 .await;
         }

@@ -241,7 +241,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Reply, Infa
                 },
             ) => match action {
                 "start" => start(&state, namespace, name).await,
-                "stop" => stop(&state, namespace, name).await,
+                "stop" => stop(&state, namespace, name, &body).await,
                 "restart" => restart(&state, namespace, name).await,
                 "evacuate/cancel" if state.version.evacuate_cancel() => {
                     evacuate_cancel(&state, namespace, name, true, &body).await
@@ -541,8 +541,25 @@ async fn start(state: &State, ns: &str, name: &str) -> Reply {
     }
 }
 
-/// `StopVMRequestHandler` (without the grace-period override).
-async fn stop(state: &State, ns: &str, name: &str) -> Reply {
+/// `StopVMRequestHandler` (KubeVirt v1.7 `pkg/virt-api/rest/lifecycle.go`): a `gracePeriod` in
+/// the body first replaces the running VMI's `terminationGracePeriodSeconds`, whatever the run
+/// strategy; `Halted` then accepts only a stop with a
+/// shorter grace period than the VMI had.
+async fn stop(state: &State, ns: &str, name: &str, body: &[u8]) -> Reply {
+    let grace = if body.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(options) => options.get("gracePeriod").and_then(Value::as_i64),
+            Err(e) => {
+                return status(
+                    400,
+                    "BadRequest",
+                    &format!("Can not unmarshal Request body to struct, error: {e}"),
+                );
+            }
+        }
+    };
     let vm = match fetch_vm(state, ns, name).await {
         Ok(vm) => vm,
         Err(r) => return r,
@@ -552,17 +569,35 @@ async fn stop(state: &State, ns: &str, name: &str) -> Reply {
         Err(r) => return r,
     };
     let running = vmi.as_ref().filter(|v| !v.is_final());
+    let old_grace = match (running, grace) {
+        (Some(v), Some(g)) => match patch_vmi_grace(state, v, g).await {
+            Ok(old) => Some(old),
+            Err(r) => return r,
+        },
+        _ => None,
+    };
     match strategy_of(&vm) {
         Err(r) => r,
         Ok(RunStrategy::Halted) => {
-            if running.is_none() {
+            let Some(vmi) = running else {
                 return conflict("virtualmachine", name, "VM is not running");
+            };
+            // Upstream compares with the value it replaced (0 when the VMI had none).
+            let shorter = match (grace, old_grace) {
+                (Some(g), Some(old)) => {
+                    vmi.spec.termination_grace_period_seconds.is_none() || g < old
+                }
+                _ => false,
+            };
+            if !shorter {
+                return conflict(
+                    "virtualmachine",
+                    name,
+                    "Halted only supports manual stop requests with a shorter graceperiod",
+                );
             }
-            conflict(
-                "virtualmachine",
-                name,
-                "Halted only supports manual stop requests with a shorter graceperiod",
-            )
+            let uid = vmi.metadata.uid.clone();
+            patch_requests(state, &vm, vec![request("Stop", uid.as_deref())]).await
         }
         Ok(RunStrategy::RerunOnFailure | RunStrategy::Manual) => {
             let Some(vmi) = running else {
@@ -572,6 +607,36 @@ async fn stop(state: &State, ns: &str, name: &str) -> Reply {
             patch_requests(state, &vm, vec![request("Stop", uid.as_deref())]).await
         }
         Ok(RunStrategy::Always) => set_run_strategy(state, &vm, RunStrategy::Halted).await,
+    }
+}
+
+/// `patchVMITerminationGracePeriod`: replaces the VMI's grace period if it did not change;
+/// answers the old value (0 when it had none).
+async fn patch_vmi_grace(
+    state: &State,
+    vmi: &VirtualMachineInstance,
+    grace: i64,
+) -> Result<i64, Reply> {
+    let old = vmi.spec.termination_grace_period_seconds;
+    // Upstream's JSON patch tests the old value; the VMI's resourceVersion guards the same.
+    let patch = json!({
+        "metadata": {"resourceVersion": vmi.metadata.resource_version},
+        "spec": {"terminationGracePeriodSeconds": grace},
+    });
+    let api = Api::<VirtualMachineInstance>::namespaced(
+        state.client.clone(),
+        vmi.metadata.namespace.as_deref().unwrap_or_default(),
+    );
+    match api
+        .patch(
+            vmi.metadata.name.as_deref().unwrap_or_default(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(old.unwrap_or(0)),
+        Err(e) => Err(internal(&describe(&e))),
     }
 }
 
