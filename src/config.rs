@@ -72,6 +72,24 @@ pub struct Settings {
     /// The distribution's "reboot required" marker (Debian, Ubuntu); empty: none is read.
     #[serde(with = "opt_path")]
     pub reboot_required_file: Option<PathBuf>,
+    /// A shutdown is part of a power event (the whole cluster going down) when fewer nodes
+    /// than this stay Ready, schedulable and not shutting down; its VMs are then stopped in
+    /// place and started again afterwards. 0: never.
+    #[serde(with = "text")]
+    pub power_event_min_targets: u32,
+    /// How long a shutdown's VMs wait for the other nodes to announce theirs before the agent
+    /// judges; 0: VMs are evicted at once, and a power event recognised later stops the rest.
+    #[serde(with = "duration")]
+    pub power_event_settle: Duration,
+    /// Start the VMs a power event stopped again once the cluster is back.
+    #[serde(with = "text")]
+    pub power_event_restore: bool,
+    /// At most this many of those VMs starting at once, cluster-wide.
+    #[serde(with = "text")]
+    pub power_event_restore_parallel: u32,
+    /// Start them only once this many nodes are Ready; 0: once every node they ran on is.
+    #[serde(with = "text")]
+    pub power_event_restore_min_ready_nodes: u32,
     /// Write a logind drop-in raising `InhibitDelayMaxSec` to `drain_budget + safety_margin`.
     #[serde(with = "text")]
     pub write_logind_dropin: bool,
@@ -114,6 +132,11 @@ impl Settings {
             .then(|| self.pre_drain_lead.unwrap_or(self.drain_budget))
     }
 
+    /// The settle of the power-event judgement; `None` when power events are not judged.
+    pub fn power_event_settle(&self) -> Option<Duration> {
+        (self.power_event_min_targets > 0).then_some(self.power_event_settle)
+    }
+
     /// The drain worker's uid and gid, if it is to change.
     pub fn worker_ids(&self) -> Option<(u32, u32)> {
         self.worker_user.0
@@ -143,6 +166,11 @@ impl Default for Settings {
             lease_namespace: String::new(),
             reboot_pending_taint: true,
             reboot_required_file: Some(PathBuf::from(Self::DEFAULT_REBOOT_REQUIRED_FILE)),
+            power_event_min_targets: 1,
+            power_event_settle: Duration::ZERO,
+            power_event_restore: true,
+            power_event_restore_parallel: 2,
+            power_event_restore_min_ready_nodes: 0,
             write_logind_dropin: false,
             logind_dropin: PathBuf::from(Self::DEFAULT_DROPIN),
             host_root: PathBuf::from("/"),
@@ -221,6 +249,27 @@ pub struct Flags {
     #[arg(long, value_name = "FILE", help_heading = "Drain")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reboot_required_file: Option<PathBuf>,
+    /// Fewer nodes than this left to migrate to: a power event, VMs stopped in place; 0: never [default: 1].
+    #[arg(long, value_name = "N", help_heading = "Power events")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub power_event_min_targets: Option<u32>,
+    /// How long VMs wait for other nodes to announce their shutdown before judging [default: 0s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_flag_duration, help_heading = "Power events")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_duration")]
+    pub power_event_settle: Option<Duration>,
+    /// Start the VMs a power event stopped once the cluster is back [default: true].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL",
+          help_heading = "Power events")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub power_event_restore: Option<bool>,
+    /// At most this many of them starting at once, cluster-wide [default: 2].
+    #[arg(long, value_name = "N", help_heading = "Power events")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub power_event_restore_parallel: Option<u32>,
+    /// Start them once this many nodes are Ready; 0: every node they ran on [default: 0].
+    #[arg(long, value_name = "N", help_heading = "Power events")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_text")]
+    pub power_event_restore_min_ready_nodes: Option<u32>,
     /// Write a logind.conf.d drop-in raising InhibitDelayMaxSec to drain budget + margin, and reload logind.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL",
           help_heading = "logind configuration")]
@@ -357,6 +406,13 @@ fn check(s: Settings) -> Result<Settings, ConfigError> {
             "pre_drain_lead",
             "0s",
             "a positive duration such as 10m (to drain only when the shutdown starts, set pre_drain: false)",
+        ));
+    }
+    if s.power_event_restore && s.power_event_restore_parallel == 0 {
+        return Err(ConfigError::invalid(
+            "power_event_restore_parallel",
+            "0",
+            "at least 1 (to start nothing again, set power_event_restore: false)",
         ));
     }
     if let Some(p) = s.reboot_required_file.as_ref().filter(|p| !p.is_absolute()) {

@@ -90,6 +90,9 @@ struct DrainCmdArgs {
     /// List what would happen and why; change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// With --dry-run: what a power event (the whole cluster going down) would do instead.
+    #[arg(long, requires = "dry_run")]
+    power_event: bool,
     /// vms (virt-launcher pods) or all (all but DaemonSet and mirror pods, VMs first).
     #[arg(long, default_value = "vms")]
     scope: Scope,
@@ -265,6 +268,7 @@ fn drain(a: DrainCmdArgs) -> Result<ExitCode, ExitCode> {
         scope,
         timeout,
         dry_run: a.dry_run,
+        power_event: a.power_event,
         live: std::io::IsTerminal::is_terminal(&std::io::stdout()),
         json: a.output == Output::Json,
     };

@@ -327,6 +327,7 @@ async fn manifests_apply_server_side_and_the_daemonset_is_what_the_agent_needs()
     let mut want = vec![
         "/nodes:get",
         "/nodes:patch",
+        "/nodes:list",
         "/nodes/status:patch",
         "/pods:list",
         "/pods:watch",
@@ -334,6 +335,13 @@ async fn manifests_apply_server_side_and_the_daemonset_is_what_the_agent_needs()
         "/pods/eviction:create",
         "kubevirt.io/virtualmachineinstances:list",
         "kubevirt.io/virtualmachineinstances:watch",
+        "kubevirt.io/virtualmachineinstances:get",
+        "kubevirt.io/virtualmachineinstances:delete",
+        "kubevirt.io/virtualmachines:get",
+        "kubevirt.io/virtualmachines:list",
+        "kubevirt.io/virtualmachines:patch",
+        "subresources.kubevirt.io/virtualmachines/stop:update",
+        "subresources.kubevirt.io/virtualmachines/start:update",
         "kubevirt.io/kubevirts:list",
         "kubevirt.io/virtualmachineinstancemigrations:list",
         "kubevirt.io/virtualmachineinstancemigrations:delete",
@@ -568,6 +576,19 @@ async fn the_agent_identity_changes_only_what_a_shutdown_needs() {
             &merge(json!({"spec": {"unschedulable": null}})),
         )
         .await;
+
+    // Power events: it announces its own node's shutdown, and no other's.
+    let leases = Api::namespaced(agent.clone(), NS);
+    shutdown_guard::kube::power::announce(&leases, NODE, Duration::from_secs(5))
+        .await
+        .expect("its own announcement");
+    shutdown_guard::kube::power::withdraw(&leases, NODE)
+        .await
+        .expect("withdrawn");
+    let err = shutdown_guard::kube::power::announce(&leases, "node-2", Duration::from_secs(5))
+        .await
+        .expect_err("another node's announcement");
+    assert!(err.contains("may announce only its own shutdown"), "{err}");
 
     // Allowed on node-1: what a shutdown needs, as src/kube/cordon.rs and condition.rs write it.
     let mark = "shutdown-guard.kubevirt.io/cordoned-boot-id";
@@ -807,8 +828,12 @@ async fn the_agent_identity_changes_only_what_a_shutdown_needs() {
     let err = Api::<VirtualMachineInstance>::namespaced(agent.clone(), "default")
         .delete("live-1", &DeleteParams::default())
         .await
-        .expect_err("deleting a VMI is refused");
+        .expect_err("deleting a VMI on another node is refused");
     assert_eq!(identity::api_code(&err), Some(403), "{err}");
+    assert!(
+        err.to_string().contains("which is not on its node"),
+        "refused by the own-node policy (RBAC allows a power event's delete): {err}"
+    );
     let err = Api::<VirtualMachineInstanceMigration>::namespaced(agent.clone(), "default")
         .create(
             &PostParams::default(),

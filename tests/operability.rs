@@ -239,9 +239,11 @@ async fn check_reports_what_would_defeat_a_graceful_shutdown() {
         "last-drain",
         "rbac",
         "kubevirt",
+        "power-events",
     ] {
         line(&ok.stdout, "PASS", name);
     }
+    assert!(line(&ok.stdout, "PASS", "power-events").contains("node-1 now migrates its VMs"));
     assert!(line(&ok.stdout, "PASS", "reboot-commands").contains("systemd 257"));
     assert!(line(&ok.stdout, "PASS", "scheduled-shutdowns").contains("before its time"));
     assert!(line(&ok.stdout, "PASS", "last-drain").contains("no drain recorded"));

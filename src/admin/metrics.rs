@@ -58,6 +58,8 @@ pub struct Metrics {
     /// When logind's scheduled shutdown is due, 0 without one.
     pub scheduled_shutdown: Gauge<f64, AtomicU64>,
     pub pre_draining: Gauge,
+    /// 1 while the drain stops the node's VMs in place for a power event.
+    pub power_event: Gauge,
 }
 
 impl Default for Metrics {
@@ -87,6 +89,7 @@ impl Metrics {
             last_drain_vmis: Family::default(),
             scheduled_shutdown: Gauge::default(),
             pre_draining: Gauge::default(),
+            power_event: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -98,6 +101,11 @@ impl Metrics {
             "pre_draining",
             "1 while the node is drained ahead of a scheduled shutdown that has not started yet",
             m.pre_draining.clone(),
+        );
+        registry.register(
+            "power_event",
+            "1 while the node's VMs are stopped in place because too few nodes stay up to migrate to (a power event)",
+            m.power_event.clone(),
         );
         registry.register(
             "lock_held",

@@ -6,6 +6,7 @@
 //! state: KubeVirt keeps its evacuations, our annotation says the cordon is ours.
 
 pub mod pending;
+pub mod power;
 pub mod report;
 pub mod startup;
 pub mod turns;
@@ -17,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tracing::{error, info, warn};
@@ -26,6 +28,7 @@ use crate::config::Settings;
 use crate::drain::keeper::Tell;
 use crate::drain::machine::{Input, MachineConfig, Note};
 use crate::drain::model::{ObjKey, Schedule};
+use crate::drain::power::{PowerRule, RestoreRule};
 use crate::driver::{Driver, DriverConfig, DriverError, Gate, Outcome, Reporter, Step};
 use crate::holder::link::{LinkError, ToHolder};
 use crate::host::bootid;
@@ -229,6 +232,7 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
                 deadline_override: settings.deadline,
                 pre_drain_lead: settings.pre_drain_lead(),
                 take_turns: settings.pre_drain_turns > 0,
+                power_settle: settings.power_event_settle(),
             },
             mark: CordonMark::boot(&boot_id),
             once: false,
@@ -240,20 +244,51 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
         reporter,
     )
     .with_idle_watches(clients.idle_watches);
+    let namespace = match settings.lease_namespace.as_str() {
+        "" => client.default_namespace().to_owned(),
+        ns => ns.to_owned(),
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
     if settings.pre_drain_turns > 0 {
-        let namespace = match settings.lease_namespace.as_str() {
-            "" => client.default_namespace().to_owned(),
-            ns => ns.to_owned(),
-        };
-        let leases = Api::namespaced(client.clone(), &namespace);
         driver = driver.with_turns(Arc::new(turns::LeaseTurns::new(
-            crate::kube::turns::Turns::new(leases, &node, settings.pre_drain_turns),
+            crate::kube::turns::Turns::new(leases.clone(), &node, settings.pre_drain_turns),
             &node,
+        )));
+    }
+    if settings.power_event_min_targets > 0 {
+        driver = driver.with_power(Arc::new(power::LeaseJudge::new(
+            client.clone(),
+            leases.clone(),
+            &node,
+            PowerRule {
+                min_targets: settings.power_event_min_targets as usize,
+            },
         )));
     }
     driver.feed(input_of(first));
     if let Some(m) = schedule {
         driver.feed(input_of(m));
+    }
+    if !(preparing || driver.draining()) {
+        // Up again (or the agent restarted between shutdowns): this node no longer announces one.
+        let (leases, node) = (leases.clone(), node.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::kube::power::withdraw(&leases, &node).await {
+                warn!(node = %node, error = %e, "withdrawing an earlier shutdown announcement failed; it expires by itself");
+            }
+        });
+    }
+    if settings.power_event_restore {
+        power::spawn_restorer(
+            client.clone(),
+            leases,
+            node.clone(),
+            RestoreRule {
+                min_ready_nodes: settings.power_event_restore_min_ready_nodes as usize,
+                parallel: settings.power_event_restore_parallel as usize,
+            },
+            events.clone(),
+        );
     }
 
     let tx = driver.sender();

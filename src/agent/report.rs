@@ -148,6 +148,7 @@ impl Reporter for AgentReporter {
             .metrics
             .pre_draining
             .set(snap.pre_draining as i64);
+        self.admin.metrics.power_event.set(snap.power_event as i64);
         for note in step.notes {
             let m = &self.admin.metrics;
             match note {
@@ -241,6 +242,27 @@ impl Reporter for AgentReporter {
                 }
                 Note::Ended(end) => self.ended(end, snap),
                 Note::Scheduled { now, was } => self.scheduled(now.as_ref(), was.as_ref()),
+                Note::PowerEvent { targets, down } => {
+                    let why = format!(
+                        "too few nodes stay up to migrate to ({} left; going down: {})",
+                        targets.len(),
+                        if down.is_empty() {
+                            "none announced".into()
+                        } else {
+                            down.join(", ")
+                        }
+                    );
+                    self.reports.condition(
+                        GuardState::Draining,
+                        format!("power event: stopping the node's VMs in place, to start them again when the cluster is back; {why}"),
+                    );
+                    self.reports.node_event(
+                        true,
+                        "PowerEvent",
+                        "Drain",
+                        format!("{why}: the node's VMs are stopped through KubeVirt where they run, recorded on their VMs, and started again once the cluster is back"),
+                    );
+                }
                 Note::PreDrained { kind, ahead } => {
                     let ahead = ahead.as_secs();
                     self.reports.condition(
@@ -284,6 +306,7 @@ impl Reporter for AgentReporter {
             s.lock_held = snap.lock_held;
             s.phase = phase;
             s.scheduled_shutdown = scheduled;
+            s.power_event = snap.power_event;
             s.inhibit_delay_max_s = Some(delay);
             if drain.is_some() {
                 s.drain = drain;

@@ -17,6 +17,7 @@ use zbus::Connection;
 
 use crate::config::Settings;
 use crate::drain::fate::{ClusterStrategy, Fate, VmiFacts, fate};
+use crate::drain::power::{NodeView, PowerRule, Verdict, judge};
 use crate::drain::report::{LastShutdown, ShutdownOutcome};
 use crate::host::logind::{ManagerProxy, WHO};
 use crate::kube::kubevirt::{cluster_strategy, node_vmis};
@@ -410,6 +411,89 @@ pub fn judge_scheduled(systemd: &Result<Option<String>, String>, lead: Option<Du
             "pre_drain is off and elogind runs a scheduled shutdown (`shutdown -h +N`, NUT's              upsmon, unattended-upgrades) without PrepareForShutdown and without waiting for the              lock: its VMs are not drained at all",
             "set pre_drain: true (and pre_drain_lead long enough for a whole drain)",
         ),
+    }
+}
+
+/// What a shutdown of `node` would do now, by the same rule as the agent's (a power event when
+/// too few other nodes take VMs), and whether VMs stopped by an earlier power event wait to be
+/// started again. `nodes` and `recorded` (VMs carrying a record) come from the API server.
+pub fn judge_power_events(
+    node: &str,
+    min_targets: u32,
+    restore: bool,
+    nodes: &Result<Vec<NodeView>, String>,
+    recorded: &Result<usize, String>,
+) -> Check {
+    const NAME: &str = "power-events";
+    let waiting = match recorded {
+        Ok(0) | Err(_) => String::new(),
+        Ok(n) => format!("; {n} VM(s) stopped by a power event wait to be started again"),
+    };
+    if let Ok(n @ 1..) = recorded
+        && !restore
+    {
+        return Check::warn(
+            NAME,
+            format!("power_event_restore is off: {n} VM(s) stopped by a power event stay stopped"),
+            "start them (`virtctl start`), or set power_event_restore: true",
+        );
+    }
+    if min_targets == 0 {
+        return Check::pass(
+            NAME,
+            format!(
+                "power-event detection is off (power_event_min_targets: 0): every shutdown \
+                 migrates, even when the whole cluster goes down{waiting}"
+            ),
+        );
+    }
+    let nodes = match nodes {
+        Ok(n) => n,
+        Err(e) => {
+            return Check::warn(
+                NAME,
+                format!("reading the Nodes and shutdown announcements failed: {e}"),
+                "see the rbac check (list nodes; list leases in lease_namespace)",
+            );
+        }
+    };
+    let rule = PowerRule {
+        min_targets: min_targets as usize,
+    };
+    match judge(node, nodes, rule) {
+        Verdict::Migrate { targets } => Check::pass(
+            NAME,
+            format!(
+                "a shutdown of {node} now migrates its VMs: {} other node(s) take VMs \
+                 (power_event_min_targets: {min_targets}){waiting}",
+                targets.len()
+            ),
+        ),
+        Verdict::PowerEvent { targets, down } => Check::warn(
+            NAME,
+            format!(
+                "a shutdown of {node} now would be a power event: {} other node(s) take VMs{}, \
+                 fewer than power_event_min_targets ({min_targets}){}; its VMs would be stopped \
+                 in place and started again later, not migrated{waiting}",
+                targets.len(),
+                list_in_parens(&targets),
+                if down.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} shutting down", down.join(", "))
+                }
+            ),
+            "bring nodes back (Ready and uncordoned), or lower power_event_min_targets \
+             (0 turns the detection off)",
+        ),
+    }
+}
+
+fn list_in_parens(names: &[String]) -> String {
+    if names.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", names.join(", "))
     }
 }
 
@@ -928,7 +1012,28 @@ pub async fn run(settings: &Settings, strict: bool) -> Result<CheckReport, Check
             )),
         }
     }
+    checks.push(power_events(settings, &client, node).await);
     Ok(CheckReport::new(node, checks, strict))
+}
+
+async fn power_events(settings: &Settings, client: &Client, node: &str) -> Check {
+    let namespace = match settings.lease_namespace.as_str() {
+        "" => client.default_namespace().to_owned(),
+        ns => ns.to_owned(),
+    };
+    let leases = Api::namespaced(client.clone(), &namespace);
+    let (nodes, recorded) = tokio::join!(
+        crate::kube::power::node_views(client, &leases),
+        crate::kube::power::recorded_vms(client)
+    );
+    let recorded = recorded.map(|vms| vms.iter().filter(|v| v.record.is_some()).count());
+    judge_power_events(
+        node,
+        settings.power_event_min_targets,
+        settings.power_event_restore,
+        &nodes,
+        &recorded,
+    )
 }
 
 #[cfg(test)]
@@ -943,6 +1048,57 @@ mod tests {
             mode: mode.into(),
             pid: 7,
         }
+    }
+
+    fn view(name: &str, ready: bool, schedulable: bool, shutting_down: bool) -> NodeView {
+        NodeView {
+            name: name.into(),
+            ready,
+            schedulable,
+            shutting_down,
+        }
+    }
+
+    #[test]
+    fn the_power_event_line_says_what_a_shutdown_would_do_now() {
+        let up = Ok(vec![
+            view("node-1", true, true, false),
+            view("node-2", true, true, false),
+        ]);
+        let c = judge_power_events("node-1", 1, true, &up, &Ok(0));
+        assert_eq!(c.status, Status::Pass, "{c:?}");
+        assert!(c.message.contains("migrates"), "{}", c.message);
+        // The only other node is cordoned, the third announced its shutdown.
+        let alone = Ok(vec![
+            view("node-1", true, true, false),
+            view("node-2", true, false, false),
+            view("node-3", true, true, true),
+        ]);
+        let c = judge_power_events("node-1", 1, true, &alone, &Ok(0));
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(
+            c.message.contains("power event") && c.message.contains("node-3 shutting down"),
+            "{}",
+            c.message
+        );
+        assert!(c.fix.unwrap().contains("power_event_min_targets"));
+        // Off: said, whatever the nodes.
+        let c = judge_power_events("node-1", 0, true, &alone, &Ok(0));
+        assert_eq!(c.status, Status::Pass);
+        assert!(c.message.contains("off"), "{}", c.message);
+        // Records left: said; with the restore off, a warning to start them by hand.
+        let c = judge_power_events("node-1", 1, true, &up, &Ok(3));
+        assert!(
+            c.message.contains("3 VM(s) stopped by a power event"),
+            "{}",
+            c.message
+        );
+        let c = judge_power_events("node-1", 1, false, &up, &Ok(3));
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.fix.unwrap().contains("virtctl start"));
+        let c = judge_power_events("node-1", 1, true, &Err("403".into()), &Ok(0));
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.message.contains("403"));
     }
 
     #[test]

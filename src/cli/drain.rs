@@ -50,6 +50,8 @@ pub struct DrainOptions {
     pub scope: Scope,
     pub timeout: Option<Duration>,
     pub dry_run: bool,
+    /// With `dry_run`: what a power event would do (VMs stopped in place, started again after).
+    pub power_event: bool,
     /// Redraw a per-VMI table in place (a terminal) instead of printing one line per change.
     pub live: bool,
     pub json: bool,
@@ -146,6 +148,33 @@ pub fn dry_run_plan(
     out
 }
 
+/// The same plan as a power event would carry it out: nothing evicted, each VMI stopped where
+/// it runs through its VM (`vms` pairs each VMI with its VM's name, if it has one). Pure.
+pub fn power_event_plan(plan: Vec<Planned>, vms: &[(VmiInfo, Option<String>)]) -> Vec<Planned> {
+    let mut out: Vec<Planned> = plan
+        .into_iter()
+        .filter(|p| {
+            !(p.object.starts_with("vmi/")
+                || (p.object.starts_with("pod/")
+                    && p.action == "evict"
+                    && p.why.starts_with("virt-launcher")))
+        })
+        .collect();
+    let at = out.len().min(1);
+    let lines = vms.iter().map(|(v, vm)| Planned {
+        object: format!("vmi/{}", v.key),
+        action: "stop".into(),
+        why: match vm {
+            Some(vm) => format!(
+                "power event: stopped in place through virtualmachine/{vm} (`stop`, recorded on the VM) and started again when the cluster is back"
+            ),
+            None => "power event: no VM owns it: deleted gracefully, not started again".into(),
+        },
+    });
+    out.splice(at..at, lines);
+    out
+}
+
 pub fn render_plan(node: &str, plan: &[Planned]) -> String {
     let w = plan.iter().map(|p| p.object.len()).max().unwrap_or(0);
     let mut s = format!("dry run: nothing is changed on node {node}\n");
@@ -220,6 +249,7 @@ pub async fn drain(
                 deadline_override: Some(opts.timeout.unwrap_or(FOREVER)),
                 pre_drain_lead: None,
                 take_turns: false,
+                power_settle: None,
             },
             mark: CordonMark::maintenance(&rfc3339(chrono::Utc::now())),
             once: true,
@@ -430,13 +460,25 @@ async fn dry_run(
         .await
         .map_err(api_err("listing pods"))?;
     let cluster = cluster_strategy(&client).await;
+    let owners: std::collections::HashMap<String, String> = vmis
+        .iter()
+        .filter_map(|o| Some((o.metadata.uid.clone()?, crate::kube::power::owner_vm(o)?)))
+        .collect();
     let vmis: Vec<(VmiInfo, VmiFacts)> = vmis
         .iter()
         .filter_map(|o| Some((vmi_info(o)?, vmi_facts(o))))
         .collect();
     let pods: Vec<PodInfo> = pods.iter().filter_map(pod_info).collect();
     let unschedulable = crate::kube::cordon::state(&n).unschedulable;
-    let planned = dry_run_plan(node, opts.scope, unschedulable, &vmis, &pods, &cluster);
+    let mut planned = dry_run_plan(node, opts.scope, unschedulable, &vmis, &pods, &cluster);
+    if opts.power_event {
+        let owned: Vec<(VmiInfo, Option<String>)> = vmis
+            .iter()
+            .filter(|(v, _)| v.runs_on(node))
+            .map(|(v, _)| (v.clone(), owners.get(&v.uid).cloned()))
+            .collect();
+        planned = power_event_plan(planned, &owned);
+    }
     if opts.json {
         writeln!(
             out,
@@ -558,6 +600,40 @@ mod tests {
             strategy: Some(strategy.into()),
             live_migratable: Some((migratable, None)),
         }
+    }
+
+    #[test]
+    fn a_power_event_dry_run_stops_every_vmi_in_place_and_evicts_none() {
+        let live = vmi("live-1", "node-1");
+        let bare = vmi("bare-1", "node-1");
+        let pods = vec![launcher(&live, "node-1"), launcher(&bare, "node-1")];
+        let vmis = vec![
+            (live.clone(), facts(&live, "LiveMigrate", true)),
+            (bare.clone(), facts(&bare, "LiveMigrate", true)),
+        ];
+        let plan = dry_run_plan(
+            "node-1",
+            Scope::Vms,
+            false,
+            &vmis,
+            &pods,
+            &ClusterStrategy::NoCr("none".into()),
+        );
+        let p = power_event_plan(plan, &[(live, Some("live-1".into())), (bare, None)]);
+        assert_eq!(p[0].object, "node/node-1", "the cordon stays first");
+        let find = |o: &str| p.iter().find(|x| x.object == o).unwrap().clone();
+        assert_eq!(find("vmi/default/live-1").action, "stop");
+        assert!(
+            find("vmi/default/live-1")
+                .why
+                .contains("virtualmachine/live-1")
+        );
+        assert!(find("vmi/default/bare-1").why.contains("not started again"));
+        assert!(
+            p.iter()
+                .all(|x| x.action != "evict" && x.action != "migrate"),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ use super::model::{
     DEFAULT_GRACE_SECONDS, MigrationJob, ObjKey, PodInfo, PodRef, Schedule, Scope, VmiInfo,
 };
 use super::plan::{self, Plan};
+use super::power::Verdict;
 use super::progress::{Progress, VmiProgress, VmiState};
 
 /// logind's own default `InhibitDelayMaxSec`, used when the property could not be read.
@@ -41,6 +42,10 @@ pub const PACED_ANSWER_WAIT: Duration = Duration::from_secs(2);
 /// when it fires, and a poll may see that before the signal arrives).
 pub const FIRING_SLACK: Duration = Duration::from_secs(2);
 
+/// Past the power-event settle, how long a drain waits for the first verdict before it drains
+/// as any other (the API server may not answer the nodes' list).
+pub const VERDICT_WAIT: Duration = Duration::from_secs(3);
+
 /// What a drain is run with; the same for the agent and the `drain` command.
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
@@ -54,6 +59,11 @@ pub struct MachineConfig {
     pub pre_drain_lead: Option<Duration>,
     /// A pre-drain waits for a cluster-wide turn ([`Effect::WantTurn`]).
     pub take_turns: bool,
+    /// Whether a shutdown may be part of a power event: the drain announces itself and is
+    /// told [`Input::Power`] verdicts. `Some(settle)`: VMs are neither evicted nor stopped for
+    /// `settle` after the shutdown starts, for the other nodes to announce theirs (zero: they
+    /// are evicted at once, and a later verdict still stops the rest in place).
+    pub power_settle: Option<Duration>,
 }
 
 /// One step of a `kube::runtime::watcher` stream, with the object already reduced.
@@ -137,6 +147,9 @@ pub enum Input {
         schedule: Option<Schedule>,
         due_in: Duration,
     },
+    /// Whether this shutdown is part of a power event, judged from the other nodes (answers
+    /// [`Effect::Announce`], again whenever it changes while the drain lasts).
+    Power(Verdict),
 }
 
 /// Why the drain let the shutdown go on.
@@ -166,7 +179,9 @@ pub enum Effect {
     Uncordon,
     /// `POST pods/<name>/eviction`, once; the machine decides about retries.
     Evict(PodRef),
-    /// Stop a VMI gracefully by deleting its launcher pod with `grace_seconds`.
+    /// Stop a VMI gracefully with `grace_seconds`: by deleting its launcher pod, or in a power
+    /// event ([`StopReason::PowerEvent`]) through its VM's `stop`, recorded on the VM, so that
+    /// KubeVirt starts it nowhere else.
     Stop {
         vmi: ObjKey,
         vmi_uid: String,
@@ -188,6 +203,11 @@ pub enum Effect {
     CancelEvacuation { vmi: ObjKey },
     /// Ask logind for a new lock (after a cancelled shutdown).
     TakeLock,
+    /// Tell the other nodes that this one is shutting down (for `fresh_for`), and judge from
+    /// theirs whether this is a power event: [`Input::Power`] now and on every change.
+    Announce { fresh_for: Duration },
+    /// Take the announcement back and stop judging (a cancelled shutdown).
+    Withdraw,
     /// Wait for a cluster-wide turn to pre-drain; the answer is [`Input::Turn`].
     WantTurn,
     /// Give the turn back (or stop waiting for one): this node's pre-drain is over.
@@ -285,6 +305,12 @@ pub enum Note {
         kind: String,
         ahead: Duration,
     },
+    /// Too few nodes stay up for migrations to help: the node's VMs are stopped in place.
+    /// `targets`: the nodes that would still take VMs; `down`: those announced as going down.
+    PowerEvent {
+        targets: Vec<String>,
+        down: Vec<String>,
+    },
 }
 
 /// A graceful stop the API server accepted: which VMI, with what grace period, and why.
@@ -356,14 +382,18 @@ pub struct Snapshot {
     pub scheduled: Option<Schedule>,
     /// A pre-drain for the scheduled shutdown is under way (it has not started).
     pub pre_draining: bool,
+    /// The drain stops the node's VMs in place: the cluster is going down.
+    pub power_event: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum StopReason {
     /// KubeVirt refuses to migrate it: waiting gains nothing.
     NotMigratable,
     /// Its graceful stop would no longer fit before the deadline otherwise.
     StopBy,
+    /// The whole cluster is going down: stopped in place through its VM, to start again later.
+    PowerEvent,
 }
 
 impl StopReason {
@@ -371,6 +401,7 @@ impl StopReason {
         match self {
             StopReason::NotMigratable => "not_migratable",
             StopReason::StopBy => "stop_by",
+            StopReason::PowerEvent => "power_event",
         }
     }
 }
@@ -425,6 +456,27 @@ enum CordonState {
     Settled,
 }
 
+/// Where a drain stands on power events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Power {
+    /// Not judged (detection off, or a pre-drain: a scheduled shutdown of this node).
+    Off,
+    /// VMs wait until `until` for the other nodes to announce themselves, then for the first
+    /// verdict (for at most [`VERDICT_WAIT`]).
+    Settling { until: Instant },
+    /// VMs migrate; a later power-event verdict still switches to [`Power::Event`].
+    Migrating,
+    /// VMs are stopped in place.
+    Event,
+}
+
+/// The verdict state of a drain: the phase and the last verdict told.
+#[derive(Debug, Clone)]
+struct PowerJudgement {
+    power: Power,
+    verdict: Option<Verdict>,
+}
+
 /// A drain under way.
 #[derive(Debug, Clone)]
 pub struct Drain {
@@ -457,6 +509,7 @@ pub struct Drain {
     pre: Option<Instant>,
     /// The pre-drain has said that the node is empty.
     pre_told: bool,
+    power: PowerJudgement,
 }
 
 impl Drain {
@@ -630,6 +683,7 @@ impl Machine {
             }),
             scheduled: self.scheduled.clone(),
             pre_draining: matches!(&self.phase, Phase::Draining(d) if d.pre.is_some()),
+            power_event: matches!(&self.phase, Phase::Draining(d) if d.power.power == Power::Event),
         }
     }
 
@@ -718,6 +772,10 @@ impl Machine {
         }
         if let Phase::Draining(d) = &self.phase {
             times.push(d.deadline);
+            if let Power::Settling { until } = d.power.power {
+                times.push(until);
+                times.push(until + VERDICT_WAIT);
+            }
             if let CordonState::Pending(t) = &d.cordon {
                 times.extend(retry(t));
                 times.push(d.started + CORDON_GRACE);
@@ -1005,6 +1063,7 @@ impl Machine {
                     self.notes.push(Note::MigrationCancelled { pod, result });
                 }
             }
+            Input::Power(verdict) => self.judged(now, verdict, &mut fx),
             Input::Tick => {}
             Input::Turn(given) => {
                 self.turn = match (given, self.turn) {
@@ -1175,6 +1234,9 @@ impl Machine {
             for vmi in &d.evacuating {
                 fx.push(Effect::CancelEvacuation { vmi: vmi.clone() });
             }
+            if d.power.power != Power::Off {
+                fx.push(Effect::Withdraw);
+            }
             let end = self.end(now, EndReason::Cancelled);
             self.notes.push(Note::Ended(end));
             self.progress = None;
@@ -1298,6 +1360,7 @@ impl Machine {
                     if kind.is_some() {
                         d.kind = kind;
                     }
+                    self.announce(started, fx);
                     return;
                 }
                 if d.kind.is_none() {
@@ -1358,9 +1421,16 @@ impl Machine {
             paced_waiting: false,
             pre: pre_due,
             pre_told: false,
+            power: PowerJudgement {
+                power: Power::Off,
+                verdict: None,
+            },
         }));
         if !after_uncordon {
             fx.push(Effect::Cordon);
+        }
+        if pre_due.is_none() {
+            self.announce(started, fx);
         }
         if self.budget_capped() {
             fx.push(Effect::Warn {
@@ -1375,6 +1445,70 @@ impl Machine {
         }
     }
 
+    /// A shutdown's drain announces itself, where power events are judged at all (once: a
+    /// second start signal changes nothing).
+    fn announce(&mut self, started: Instant, fx: &mut Vec<Effect>) {
+        let Some(settle) = self.cfg.power_settle else {
+            return;
+        };
+        let Phase::Draining(d) = &mut self.phase else {
+            return;
+        };
+        if d.power.power != Power::Off {
+            return;
+        }
+        d.power.power = if settle.is_zero() {
+            Power::Migrating
+        } else {
+            Power::Settling {
+                until: started + settle,
+            }
+        };
+        fx.push(Effect::Announce {
+            fresh_for: d.deadline.saturating_duration_since(started),
+        });
+    }
+
+    fn judged(&mut self, now: Instant, verdict: Verdict, fx: &mut Vec<Effect>) {
+        if let Phase::Draining(d) = &mut self.phase
+            && !matches!(d.power.power, Power::Off | Power::Event)
+        {
+            d.power.verdict = Some(verdict);
+        }
+        self.follow_power(now, fx);
+    }
+
+    /// Decides once the settle is over (on the last verdict, or without one after
+    /// [`VERDICT_WAIT`]: as any drain), and switches a migrating drain to stopping in place when
+    /// a power event is recognised. A power event, once recognised, stays.
+    fn follow_power(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        let Phase::Draining(d) = &mut self.phase else {
+            return;
+        };
+        let event = d.power.verdict.as_ref().map(Verdict::is_power_event);
+        let to_event = match (d.power.power, event) {
+            (Power::Settling { until }, _) if now < until => return,
+            (Power::Settling { .. }, Some(e)) => e,
+            (Power::Settling { until }, None) if now >= until + VERDICT_WAIT => false,
+            (Power::Migrating, Some(true)) => true,
+            _ => return,
+        };
+        if !to_event {
+            d.power.power = Power::Migrating;
+            return;
+        }
+        d.power.power = Power::Event;
+        // KubeVirt stops evacuating this node's VMIs: no migration is created for them now.
+        for vmi in std::mem::take(&mut d.evacuating) {
+            fx.push(Effect::CancelEvacuation { vmi });
+        }
+        let (targets, down) = match d.power.verdict.clone() {
+            Some(Verdict::PowerEvent { targets, down }) => (targets, down),
+            _ => (Vec::new(), Vec::new()),
+        };
+        self.notes.push(Note::PowerEvent { targets, down });
+    }
+
     /// Moves a drain on: sends due evictions, stops and cancels of inbound migrations, and
     /// releases the lock when the node is empty or the deadline has come.
     ///
@@ -1387,6 +1521,7 @@ impl Machine {
     /// without our cordon. Past the grace a cordon still failing holds nothing back: it is
     /// retried with backoff and the operator is told.
     fn pump(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        self.follow_power(now, fx);
         let Phase::Draining(d) = &self.phase else {
             return;
         };
@@ -1498,7 +1633,10 @@ impl Machine {
         // One first eviction at a time for VMIs that may migrate (see EVACUATION_SPACING);
         // those KubeVirt has found not migratable only stop, and retries keep their backoff.
         d.paced_waiting = false;
-        for r in &plan.vm_pods {
+        // Nothing is evicted while the power event is judged, nor in one: evicted, a VM would
+        // migrate to a node that goes down next, or stop and start elsewhere.
+        let evicting = matches!(d.power.power, Power::Off | Power::Migrating);
+        for r in plan.vm_pods.iter().filter(|_| evicting) {
             if !d.evictions.contains_key(&r.uid) && !unpaced.contains(&r.uid) {
                 if !d.pace_open(now) {
                     d.paced_waiting = true;
@@ -1519,7 +1657,9 @@ impl Machine {
 
         let remaining = d.deadline.saturating_duration_since(now);
         for (v, stop_by) in stop_plan {
-            let why = if d.not_migratable.contains(&v.uid) {
+            let why = if d.power.power == Power::Event {
+                StopReason::PowerEvent
+            } else if d.not_migratable.contains(&v.uid) {
                 StopReason::NotMigratable
             } else if now >= stop_by {
                 StopReason::StopBy

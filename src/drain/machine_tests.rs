@@ -34,14 +34,32 @@ impl Bed {
     }
 
     fn configured(scope: Scope, lead: Option<Duration>, take_turns: bool) -> Self {
-        let mut m = Machine::new(MachineConfig {
+        Self::build(MachineConfig {
             node: NODE.into(),
             scope,
             safety_margin: Duration::from_secs(5),
             deadline_override: None,
             pre_drain_lead: lead,
             take_turns,
-        });
+            power_settle: None,
+        })
+    }
+
+    /// Scope `vms`, judging power events with `settle`.
+    fn powered(settle: Duration) -> Self {
+        Self::build(MachineConfig {
+            node: NODE.into(),
+            scope: Scope::Vms,
+            safety_margin: Duration::from_secs(5),
+            deadline_override: None,
+            pre_drain_lead: None,
+            take_turns: false,
+            power_settle: Some(settle),
+        })
+    }
+
+    fn build(cfg: MachineConfig) -> Self {
+        let mut m = Machine::new(cfg);
         let t0 = Instant::now();
         m.handle(
             t0,
@@ -890,6 +908,7 @@ fn a_deadline_beyond_logind_is_capped_with_a_warning() {
         deadline_override: Some(Duration::from_secs(600)),
         pre_drain_lead: None,
         take_turns: false,
+        power_settle: None,
     });
     let t0 = Instant::now();
     m.handle(
@@ -1601,4 +1620,148 @@ fn a_shutdown_that_comes_while_waiting_for_a_turn_stops_the_wait() {
     assert!(fx.contains(&Effect::Cordon));
     // The turn granted meanwhile goes straight back.
     assert_eq!(b.feed(1_500, Input::Turn(true)), vec![Effect::ReleaseTurn]);
+}
+
+fn power_event() -> Input {
+    Input::Power(Verdict::PowerEvent {
+        targets: vec![],
+        down: vec!["node-2".into(), "node-3".into()],
+    })
+}
+
+fn migrate() -> Input {
+    Input::Power(Verdict::Migrate {
+        targets: vec!["node-2".into()],
+    })
+}
+
+fn announced(fx: &[Effect]) -> bool {
+    fx.iter().any(|e| matches!(e, Effect::Announce { .. }))
+}
+
+#[test]
+fn a_power_event_stops_the_vms_in_place_after_the_settle() {
+    let mut b = Bed::powered(Duration::from_secs(2));
+    let (a, c) = (vmi("a", NODE), vmi("c", NODE));
+    b.list(
+        &[a.clone(), c.clone()],
+        &[launcher(&a, NODE), launcher(&c, NODE)],
+    );
+    let fx = b.start(0);
+    assert!(announced(&fx), "the shutdown is announced: {fx:?}");
+    assert!(evicts(&fx).is_empty(), "nothing evicted while settling");
+    assert_eq!(b.m.next_wakeup(), Some(b.at(2000)));
+    // The verdict comes before the settle is over: still nothing.
+    let fx = b.feed(500, power_event());
+    assert!(evicts(&fx).is_empty() && stops(&fx).is_empty());
+    let fx = b.feed(2000, Input::Tick);
+    assert!(evicts(&fx).is_empty(), "never evicted in a power event");
+    let mut stopped = stops(&fx);
+    stopped.sort();
+    assert_eq!(
+        stopped,
+        vec![
+            ("a".into(), 23, StopReason::PowerEvent),
+            ("c".into(), 23, StopReason::PowerEvent)
+        ],
+        "grace capped by what is left of the 25 s budget"
+    );
+    assert!(
+        b.m.take_notes()
+            .iter()
+            .any(|n| matches!(n, Note::PowerEvent { down, .. } if down.len() == 2))
+    );
+    assert!(b.m.snapshot(b.at(2000)).power_event);
+}
+
+#[test]
+fn enough_nodes_left_drain_as_always_after_the_settle() {
+    let mut b = Bed::powered(Duration::from_secs(2));
+    let a = vmi("a", NODE);
+    b.list(std::slice::from_ref(&a), &[launcher(&a, NODE)]);
+    b.start(0);
+    b.feed(100, migrate());
+    assert!(evicts(&b.feed(1999, Input::Tick)).is_empty());
+    assert_eq!(
+        evicts(&b.feed(2000, Input::Tick)),
+        vec!["virt-launcher-a-abcde"]
+    );
+}
+
+#[test]
+fn without_a_verdict_the_drain_goes_on_as_always() {
+    let mut b = Bed::powered(Duration::from_secs(2));
+    let a = vmi("a", NODE);
+    b.list(std::slice::from_ref(&a), &[launcher(&a, NODE)]);
+    b.start(0);
+    assert!(
+        evicts(&b.feed(2000, Input::Tick)).is_empty(),
+        "waits for a verdict"
+    );
+    let at = 2000 + VERDICT_WAIT.as_millis() as u64;
+    assert_eq!(b.m.next_wakeup(), Some(b.at(at)));
+    assert_eq!(
+        evicts(&b.feed(at, Input::Tick)),
+        vec!["virt-launcher-a-abcde"]
+    );
+}
+
+#[test]
+fn a_zero_settle_evicts_at_once_and_a_later_power_event_cancels_the_evacuation() {
+    let mut b = Bed::powered(Duration::ZERO);
+    let a = vmi("a", NODE);
+    let pa = launcher(&a, NODE);
+    b.list(std::slice::from_ref(&a), std::slice::from_ref(&pa));
+    let fx = b.start(0);
+    assert_eq!(
+        evicts(&fx),
+        vec!["virt-launcher-a-abcde"],
+        "as without detection"
+    );
+    b.feed(
+        20,
+        Input::Evicted {
+            pod: pa.pod_ref(),
+            outcome: EvictionOutcome::Evacuating,
+        },
+    );
+    let fx = b.feed(500, power_event());
+    assert!(
+        fx.contains(&Effect::CancelEvacuation { vmi: a.key.clone() }),
+        "KubeVirt stops evacuating: {fx:?}"
+    );
+    assert_eq!(stops(&fx), vec![("a".into(), 24, StopReason::PowerEvent)]);
+    // Once recognised, a later verdict does not turn it back.
+    let fx = b.feed(600, migrate());
+    assert!(evicts(&fx).is_empty());
+    assert!(b.m.snapshot(b.at(600)).power_event);
+}
+
+#[test]
+fn a_cancelled_shutdown_withdraws_its_announcement() {
+    let mut b = Bed::powered(Duration::from_secs(2));
+    let a = vmi("a", NODE);
+    b.list(std::slice::from_ref(&a), &[launcher(&a, NODE)]);
+    b.start(0);
+    let fx = b.feed(
+        100,
+        Input::Shutdown {
+            start: false,
+            kind: None,
+        },
+    );
+    assert!(fx.contains(&Effect::Withdraw), "{fx:?}");
+}
+
+#[test]
+fn without_detection_nothing_is_announced() {
+    let mut b = Bed::new(Scope::Vms);
+    let a = vmi("a", NODE);
+    b.list(std::slice::from_ref(&a), &[launcher(&a, NODE)]);
+    let fx = b.start(0);
+    assert!(!announced(&fx));
+    assert!(
+        stops(&b.feed(100, power_event())).is_empty(),
+        "verdicts are ignored"
+    );
 }

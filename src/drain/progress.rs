@@ -306,6 +306,7 @@ mod tests {
             deadline_override: None,
             pre_drain_lead: None,
             take_turns: false,
+            power_settle: None,
         })
     }
 

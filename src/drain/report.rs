@@ -102,6 +102,9 @@ pub struct AgentStatus {
     /// The shutdown logind has scheduled, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduled_shutdown: Option<ScheduledStatus>,
+    /// The drain stops the node's VMs in place: too few nodes stay up (a power event).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub power_event: bool,
 }
 
 /// A scheduled shutdown as `/status` shows it.

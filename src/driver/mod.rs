@@ -23,9 +23,10 @@ use tracing::{info, warn};
 
 use crate::drain::machine::{
     CordonResult, Effect, EndReason, Input, Machine, MachineConfig, Note, Phase, ReleaseReason,
-    Snapshot,
+    Snapshot, StopReason,
 };
 use crate::drain::model::ObjKey;
+use crate::drain::power::Verdict;
 use crate::kube::cordon::{self, CordonMark};
 use crate::kube::watch::{self, Pace};
 use crate::kube::{kubevirt, pods};
@@ -58,6 +59,21 @@ pub trait TurnTaker {
     fn want(&self, tx: mpsc::UnboundedSender<Input>);
     /// Gives the turn back, or stops waiting for one.
     fn release(&self);
+}
+
+/// Power events ([`crate::drain::power`]): the agent's announcements and judgement.
+pub trait PowerJudge {
+    /// Announces this node's shutdown for `fresh_for`, then judges from the other nodes and
+    /// sends [`Input::Power`] on `tx`: the first verdict, and every change until a power event.
+    fn announce(&self, fresh_for: Duration, tx: mpsc::UnboundedSender<Input>);
+    /// Takes the announcement back and stops judging (a cancelled shutdown).
+    fn withdraw(&self);
+    /// Stops a VMI in place in a power event: recorded on its VM, stopped through KubeVirt.
+    fn stop(
+        &self,
+        vmi: ObjKey,
+        grace_seconds: u32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
 }
 
 /// One step of the drain, as reporters see it: what changed and the state after it.
@@ -119,6 +135,7 @@ pub struct Driver<R> {
     reporter: R,
     gate: Arc<dyn Gate + Send + Sync>,
     turns: Option<Arc<dyn TurnTaker + Send + Sync>>,
+    power: Option<Arc<dyn PowerJudge + Send + Sync>>,
     /// The node's first complete listing has been logged.
     listed: bool,
     tx: mpsc::UnboundedSender<Input>,
@@ -150,6 +167,7 @@ impl<R: Reporter> Driver<R> {
             reporter,
             gate,
             turns: None,
+            power: None,
             listed: false,
             tx,
             rx,
@@ -159,6 +177,12 @@ impl<R: Reporter> Driver<R> {
     /// Pre-drains wait for a turn from `turns`.
     pub fn with_turns(mut self, turns: Arc<dyn TurnTaker + Send + Sync>) -> Self {
         self.turns = Some(turns);
+        self
+    }
+
+    /// Shutdowns announce themselves to `power`, which judges power events.
+    pub fn with_power(mut self, power: Arc<dyn PowerJudge + Send + Sync>) -> Self {
+        self.power = Some(power);
         self
     }
 
@@ -348,8 +372,12 @@ impl<R: Reporter> Driver<R> {
                     "stopping vmi"
                 );
                 let client = self.client.clone();
+                let power = self.power.clone().filter(|_| why == StopReason::PowerEvent);
                 tokio::spawn(async move {
-                    let result = pods::stop(client, &pod, grace_seconds).await;
+                    let result = match power {
+                        Some(p) => p.stop(vmi, grace_seconds).await,
+                        None => pods::stop(client, &pod, grace_seconds).await,
+                    };
                     let _ = tx.send(Input::Stopped { vmi_uid, result });
                 });
             }
@@ -397,6 +425,20 @@ impl<R: Reporter> Driver<R> {
             Effect::ReleaseTurn => {
                 if let Some(t) = &self.turns {
                     t.release();
+                }
+            }
+            Effect::Announce { fresh_for } => match &self.power {
+                Some(p) => p.announce(fresh_for, self.tx.clone()),
+                // Nobody to judge with: drain as always.
+                None => {
+                    let _ = self.tx.send(Input::Power(Verdict::Migrate {
+                        targets: Vec::new(),
+                    }));
+                }
+            },
+            Effect::Withdraw => {
+                if let Some(p) = &self.power {
+                    p.withdraw();
                 }
             }
             Effect::TakeLock => {
@@ -501,6 +543,12 @@ fn log_notes(node: &str, notes: &[Note]) {
                 budget_ms = budget.as_millis() as u64,
                 vmis = %keys(vmis),
                 "drain started"
+            ),
+            Note::PowerEvent { targets, down } => warn!(
+                node = %node,
+                targets = %targets.join(","),
+                down = %down.join(","),
+                "power event recognised; stopping the node's VMs in place"
             ),
             Note::PreDrained { kind, ahead } => info!(
                 node = %node,

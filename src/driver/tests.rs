@@ -244,6 +244,7 @@ fn driver(state: &Shared, log: &Log, deadline: Duration) -> Driver<Log> {
                 deadline_override: Some(deadline),
                 pre_drain_lead: None,
                 take_turns: false,
+                power_settle: None,
             },
             mark: CordonMark::maintenance("2026-01-01T00:00:00Z"),
             once: true,

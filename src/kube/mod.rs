@@ -8,6 +8,7 @@ pub mod events;
 pub mod kubevirt;
 pub mod objects;
 pub mod pods;
+pub mod power;
 pub mod taint;
 pub mod turns;
 pub mod watch;

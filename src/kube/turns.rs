@@ -72,14 +72,21 @@ pub struct Turns {
     api: Api<Lease>,
     me: String,
     slots: u32,
+    prefix: &'static str,
 }
 
 impl Turns {
     pub fn new(api: Api<Lease>, me: &str, slots: u32) -> Self {
+        Self::with_prefix(api, me, slots, LEASE_PREFIX)
+    }
+
+    /// Turns of another kind, in Leases named `<prefix><i>`.
+    pub fn with_prefix(api: Api<Lease>, me: &str, slots: u32, prefix: &'static str) -> Self {
         Turns {
             api,
             me: me.to_owned(),
             slots,
+            prefix,
         }
     }
 
@@ -87,7 +94,7 @@ impl Turns {
     /// it between our read and write) moves on to the next.
     pub async fn try_take(&self) -> Result<Option<String>, kube::Error> {
         for i in 0..self.slots {
-            let name = format!("{LEASE_PREFIX}{i}");
+            let name = format!("{}{i}", self.prefix);
             let now = Timestamp::now();
             let current = bounded(self.api.get_opt(&name)).await?;
             let taken = match current {

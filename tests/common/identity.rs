@@ -202,6 +202,8 @@ pub async fn drains_its_node_and_is_refused_elsewhere(bed: &Bed, ns: &str, sa: &
         .await
         .env("NODE_NAME", NODE)
         .env("KUBECONFIG", &worker_kc)
+        // In a pod the client's namespace is the ServiceAccount's (where the Leases are).
+        .env("SHUTDOWN_GUARD_LEASE_NAMESPACE", ns)
         .stdout(Stdio::from(file.try_clone().unwrap()))
         .stderr(Stdio::from(file))
         .kill_on_drop(true)
