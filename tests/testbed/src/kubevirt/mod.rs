@@ -3,7 +3,7 @@
 //! (real HTTPS, registered with kube-apiserver), its mutating webhooks and its aggregated API
 //! `subresources.kubevirt.io/v1`; and watch-driven stand-ins for virt-controller (VMI start,
 //! VM run strategies, evacuation, migrations, v1.5's disruption budgets) and virt-handler (VMI
-//! boot, migration hand-over, ACPI shutdown when the launcher pod is deleted).
+//! boot, migration hand-over, ACPI shutdown when the launcher pod is deleted, the node label).
 //!
 //! Each part names the upstream file and release it follows. Timings are scaled down and
 //! configurable ([`KubeVirtOptions`]); the rules and messages are upstream's. The migration
@@ -15,6 +15,7 @@ pub mod config;
 pub mod crds;
 pub mod evacuation;
 pub mod handover;
+pub mod heartbeat;
 pub mod hotplug;
 pub mod launcher;
 mod lifecycle;
@@ -759,6 +760,7 @@ impl KubeVirtSim {
         tasks.push(tokio::spawn(evacuation::run(ctx.clone())));
         tasks.push(tokio::spawn(migration::run(ctx.clone())));
         tasks.push(tokio::spawn(vm::run(ctx.clone())));
+        tasks.push(tokio::spawn(heartbeat::run(ctx.clone())));
         if version.per_vmi_pdbs() {
             tasks.push(tokio::spawn(pdb::run(ctx.clone())));
         }
