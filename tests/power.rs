@@ -167,11 +167,20 @@ async fn a_whole_cluster_power_event_stops_vms_in_place_and_starts_them_again() 
         bed.node(node).unwrap().poweroff().await.expect("poweroff");
     }
     for node in nodes {
-        bed.node(node)
+        let off = bed
+            .node(node)
             .unwrap()
             .wait_poweroff(Duration::from_secs(DELAY_SECS + 10))
             .await
             .unwrap_or_else(|e| panic!("{node} did not power off: {e}\n{}", logs(&agents)));
+        // Within the drain's budget (InhibitDelayMaxSec less the 5 s margin), not by logind
+        // giving up on the lock.
+        let took = off.duration_since(t0).unwrap_or_default();
+        assert!(
+            took < Duration::from_secs(DELAY_SECS - 5),
+            "{node} powered off {took:?} after the request\n{}",
+            logs(&agents)
+        );
     }
     let ledger = assert_none_lost(&bed).await;
     let stopped = ["live-1", "live-2", "none-1", "live-3", "none-2", "live-4"];
@@ -303,6 +312,48 @@ async fn a_whole_cluster_power_event_stops_vms_in_place_and_starts_them_again() 
             "{next} started before {prev} ran: {starts:?} {running:?}"
         );
     }
+    // What the agents said, as Events on the API server: each node recognised the power event,
+    // each restored VM has its Event, and the changed one is said to be left alone.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(bed.client());
+    let reasons: Vec<(String, String, String)> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some("shutdown-guard"))
+        .map(|e| {
+            (
+                e.reason.unwrap_or_default(),
+                e.regarding.and_then(|r| r.name).unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect();
+    let count = |reason: &str| reasons.iter().filter(|(r, _, _)| r == reason).count();
+    for node in nodes {
+        assert!(
+            reasons
+                .iter()
+                .any(|(r, n, _)| r == "PowerEvent" && n == node),
+            "no PowerEvent Event on {node}: {reasons:?}"
+        );
+    }
+    for vm in restored {
+        assert!(
+            reasons
+                .iter()
+                .any(|(r, n, _)| r == "PowerEventVmRestored" && n == vm),
+            "no PowerEventVmRestored Event on VM {vm}: {reasons:?}"
+        );
+    }
+    assert_eq!(count("PowerEventVmRestored"), restored.len(), "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|(r, n, _)| r == "PowerEventVmLeftAlone" && n == "live-2"),
+        "{reasons:?}"
+    );
     eprintln!(
         "power event: stopped {} VMIs in place; restored {} VMs one at a time, the last {:.1} s after the nodes were back (from {:.1} s after the power-off request)",
         stopped.len(),

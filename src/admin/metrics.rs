@@ -60,6 +60,10 @@ pub struct Metrics {
     pub pre_draining: Gauge,
     /// 1 while the drain stops the node's VMs in place for a power event.
     pub power_event: Gauge,
+    /// VMs this agent started again after a power event had stopped them.
+    pub power_event_vms_restored: Counter,
+    /// Power-event records dropped because the VM was changed meanwhile (the VM left alone).
+    pub power_event_vms_left_alone: Counter,
 }
 
 impl Default for Metrics {
@@ -90,6 +94,8 @@ impl Metrics {
             scheduled_shutdown: Gauge::default(),
             pre_draining: Gauge::default(),
             power_event: Gauge::default(),
+            power_event_vms_restored: Counter::default(),
+            power_event_vms_left_alone: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -106,6 +112,16 @@ impl Metrics {
             "power_event",
             "1 while the node's VMs are stopped in place because too few nodes stay up to migrate to (a power event)",
             m.power_event.clone(),
+        );
+        registry.register(
+            "power_event_vms_restored",
+            "VMs this agent started again after a power event had stopped them in place",
+            m.power_event_vms_restored.clone(),
+        );
+        registry.register(
+            "power_event_vms_left_alone",
+            "VMs a power event stopped that were changed before the restore, and so not started again",
+            m.power_event_vms_left_alone.clone(),
         );
         registry.register(
             "lock_held",
@@ -316,6 +332,8 @@ mod tests {
             Some(60.0)
         );
         for family in [
+            "power_event_vms_restored",
+            "power_event_vms_left_alone",
             "vmis_migrated",
             "vmis_stopped",
             "vmis_remaining",

@@ -288,6 +288,7 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
                 parallel: settings.power_event_restore_parallel as usize,
             },
             events.clone(),
+            admin.metrics.clone(),
         );
     }
 

@@ -2,18 +2,20 @@
 //! other nodes' ([`crate::kube::power`]), the VMs stopped in place, and after the event the
 //! restorer that starts them again, one agent at a time, a few VMs at a time.
 
-use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::admin::metrics::Metrics;
 use crate::drain::machine::Input;
 use crate::drain::model::ObjKey;
-use crate::drain::power::{self, PowerRule, RestoreRule, Verdict};
+use crate::drain::power::{self, NodeView, PowerRule, RestoreRule, Verdict};
 use crate::driver::PowerJudge;
 use crate::kube::events::NodeEvents;
 use crate::kube::power as api;
@@ -24,6 +26,8 @@ use crate::kube::turns::Turns;
 pub const JUDGE_EVERY: Duration = Duration::from_secs(1);
 /// How long a drain keeps judging after its announcement.
 pub const JUDGE_FOR: Duration = Duration::from_secs(30);
+/// How often a judging drain reads the Nodes again (the announcements are watched).
+pub const NODES_EVERY: Duration = Duration::from_secs(10);
 /// How often the restorer looks for stopped VMs, and for the cluster to be back.
 pub const RESTORE_EVERY: Duration = Duration::from_secs(5);
 /// How often the restorer looks while a VM it started has not run yet, for at most
@@ -75,26 +79,54 @@ impl PowerJudge for LeaseJudge {
             // node whose shutdown starts later judges for its own VMs (those migrated to it
             // included), so a drain stops looking after a while.
             let end = tokio::time::Instant::now() + fresh_for.min(JUDGE_FOR);
-            while tokio::time::Instant::now() < end {
-                match api::node_views(&client, &leases).await {
-                    Ok(views) => {
-                        let verdict = power::judge(&node, &views, rule);
-                        let event = verdict.is_power_event();
-                        if last != Some(event) {
-                            last = Some(event);
-                            if let Verdict::PowerEvent { targets, down } = &verdict {
-                                warn!(node = %node, targets = %targets.join(","), down = %down.join(","), "power event: too few nodes stay up to migrate to");
-                            }
-                            if tx.send(Input::Power(verdict)).is_err() || event {
-                                return;
-                            }
+            // The announcements are watched (a new one is judged at once, and nothing is asked
+            // while none comes); the Nodes are read every NODES_EVERY: what changes within a
+            // power event is announced, and a Node's Ready condition lags by kubelet's grace
+            // (40 s) anyway.
+            let mut watch = std::pin::pin!(api::announcements(leases.clone()));
+            let mut announced: BTreeMap<String, Lease> = BTreeMap::new();
+            let mut synced = false;
+            let mut nodes: Option<(tokio::time::Instant, Vec<NodeView>)> = None;
+            loop {
+                if nodes
+                    .as_ref()
+                    .is_none_or(|(at, _)| at.elapsed() >= NODES_EVERY)
+                {
+                    match api::nodes(&client).await {
+                        Ok(n) => nodes = Some((tokio::time::Instant::now(), n)),
+                        Err(e) => {
+                            warn!(node = %node, error = %e, "reading the nodes for the power-event check failed")
                         }
                     }
-                    Err(e) => {
-                        warn!(node = %node, error = %e, "reading the nodes for the power-event check failed")
+                }
+                if let (true, Some((_, n))) = (synced, &nodes) {
+                    let down = api::fresh_holders(announced.values());
+                    let verdict = power::judge(&node, &api::with_announced(n.clone(), &down), rule);
+                    let event = verdict.is_power_event();
+                    if last != Some(event) {
+                        last = Some(event);
+                        if let Verdict::PowerEvent { targets, down } = &verdict {
+                            warn!(node = %node, targets = %targets.join(","), down = %down.join(","), "power event: too few nodes stay up to migrate to");
+                        }
+                        if tx.send(Input::Power(verdict)).is_err() || event {
+                            return;
+                        }
                     }
                 }
-                tokio::time::sleep(JUDGE_EVERY).await;
+                // Woken by a change of the announcements, or to judge again (an announcement
+                // going stale, the Nodes due) without one.
+                let wake = (tokio::time::Instant::now() + JUDGE_EVERY).min(end);
+                tokio::select! {
+                    ev = watch.next() => match ev {
+                        Some(Ok(ev)) => synced = api::apply_announcement(&mut announced, ev),
+                        Some(Err(e)) => warn!(node = %node, error = %e, "watching the shutdown announcements failed; retried"),
+                        None => return,
+                    },
+                    _ = tokio::time::sleep_until(wake) => {}
+                }
+                if tokio::time::Instant::now() >= end {
+                    return;
+                }
             }
         });
         let mut slot = self.task.lock().unwrap_or_else(|e| e.into_inner());
@@ -148,6 +180,7 @@ pub fn spawn_restorer(
     node: String,
     rule: RestoreRule,
     events: NodeEvents,
+    metrics: Arc<Metrics>,
 ) {
     tokio::spawn(async move {
         let leases_read = leases.clone();
@@ -200,14 +233,20 @@ pub fn spawn_restorer(
                 }
             };
             let plan = power::restore(&vms, &started, back, rule);
+            // Events about a VM go on the VM (`kubectl describe vm`), one per VM.
+            let regarding = |key: &ObjKey| {
+                let uid = vms.iter().find(|v| &v.key == key).map(|v| v.uid.as_str());
+                crate::kube::events::vm_ref(key, uid.unwrap_or_default())
+            };
             for (vm, why) in &plan.forget {
                 match api::forget(&client, vm).await {
                     Ok(()) => {
                         started.remove(vm);
                         info!(node = %node, vm = %vm, why = why.as_str(), "power-event record dropped");
                         if *why == power::Forget::Changed {
+                            metrics.power_event_vms_left_alone.inc();
                             let _ = events
-                                .publish(false, "PowerEventVmLeftAlone", "Restore", format!("{vm} was changed after the power event stopped it; left as it is"))
+                                .publish_on(&regarding(vm), false, "PowerEventVmLeftAlone", "Restore", format!("{vm} was changed after the power event stopped it; left as it is"))
                                 .await;
                         }
                     }
@@ -228,9 +267,10 @@ pub fn spawn_restorer(
                     Ok(()) => {
                         started.insert(vm.clone());
                         last_start = Some(std::time::Instant::now());
+                        metrics.power_event_vms_restored.inc();
                         info!(node = %node, vm = %vm, run_strategy = %record.run_strategy, "started again after the power event");
                         let _ = events
-                            .publish(false, "PowerEventVmRestored", "Restore", format!("{vm} started again after the power event that stopped it on {}", record.node))
+                            .publish_on(&regarding(vm), false, "PowerEventVmRestored", "Restore", format!("{vm} started again after the power event that stopped it on {}", record.node))
                             .await;
                     }
                     Err(e) => {

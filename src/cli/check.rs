@@ -1056,6 +1056,7 @@ mod tests {
             ready,
             schedulable,
             shutting_down,
+            virt_handler: Some(true),
         }
     }
 

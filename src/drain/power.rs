@@ -22,13 +22,30 @@ pub struct NodeView {
     pub schedulable: bool,
     /// Its agent announced that the node is shutting down, and the announcement is fresh.
     pub shutting_down: bool,
+    /// virt-handler's mark, label `kubevirt.io/schedulable`: `true` while it runs there and its
+    /// device plugins are up, `false` once it stopped (it sets that on its way out, and
+    /// virt-controller when its heartbeat goes stale); `None` where no virt-handler ever ran.
+    /// Launcher pods select `true`, so no VM lands anywhere else.
+    pub virt_handler: Option<bool>,
 }
 
 impl NodeView {
-    /// Whether a VM migrated there now would still run after this shutdown.
-    fn takes_vms(&self) -> bool {
-        self.ready && self.schedulable && !self.shutting_down
+    /// Whether KubeVirt would place a VM there now. `marks`: some node of the cluster carries
+    /// virt-handler's label ([`virt_handler_marks`]); without any, KubeVirt's placement is not
+    /// known here and the label is not asked for.
+    pub fn runs_vms(&self, marks: bool) -> bool {
+        self.ready && self.schedulable && (!marks || self.virt_handler == Some(true))
     }
+
+    /// Whether a VM migrated there now would still run after this shutdown.
+    fn takes_vms(&self, marks: bool) -> bool {
+        self.runs_vms(marks) && !self.shutting_down
+    }
+}
+
+/// Whether virt-handler marks nodes in this cluster at all.
+pub fn virt_handler_marks(nodes: &[NodeView]) -> bool {
+    nodes.iter().any(|n| n.virt_handler.is_some())
 }
 
 /// When a shutdown counts as part of a power event.
@@ -63,8 +80,9 @@ impl Verdict {
 /// would not place a target pod there).
 pub fn judge(me: &str, nodes: &[NodeView], rule: PowerRule) -> Verdict {
     let others = || nodes.iter().filter(|n| n.name != me);
+    let marks = virt_handler_marks(nodes);
     let targets: Vec<String> = others()
-        .filter(|n| n.takes_vms())
+        .filter(|n| n.takes_vms(marks))
         .map(|n| n.name.clone())
         .collect();
     if rule.min_targets == 0 || targets.len() >= rule.min_targets {
@@ -95,6 +113,8 @@ pub struct StopRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmNow {
     pub key: ObjKey,
+    /// Its `metadata.uid`, for Events about it.
+    pub uid: String,
     pub generation: i64,
     /// Its VMI exists and is not final (started, by us or by anyone).
     pub has_vmi: bool,
@@ -232,7 +252,34 @@ mod tests {
             ready,
             schedulable,
             shutting_down,
+            virt_handler: None,
         }
+    }
+
+    #[test]
+    fn nodes_without_virt_handler_take_no_vms_where_kubevirt_marks_nodes() {
+        let marked = |name: &str, mark: Option<bool>| NodeView {
+            virt_handler: mark,
+            ..node(name, true, true, false)
+        };
+        // A control-plane node without virt-handler and a node whose virt-handler stopped
+        // are no targets: only node-4 is.
+        let nodes = [
+            marked("node-1", Some(true)),
+            marked("cp-1", None),
+            marked("node-3", Some(false)),
+            marked("node-4", Some(true)),
+        ];
+        assert_eq!(
+            judge("node-1", &nodes, ONE),
+            Verdict::Migrate {
+                targets: vec!["node-4".into()]
+            }
+        );
+        assert!(judge("node-1", &nodes, PowerRule { min_targets: 2 }).is_power_event());
+        // No node marked at all: the label is not asked for.
+        let unmarked = [marked("node-1", None), marked("node-2", None)];
+        assert!(!judge("node-1", &unmarked, ONE).is_power_event());
     }
 
     const ONE: PowerRule = PowerRule { min_targets: 1 };
@@ -309,6 +356,7 @@ mod tests {
 
     fn vm(name: &str, generation: i64, has_vmi: bool, running: bool, rec: Option<i64>) -> VmNow {
         VmNow {
+            uid: format!("uid-{name}"),
             key: ObjKey::new("default", name),
             generation,
             has_vmi,

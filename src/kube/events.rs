@@ -84,6 +84,17 @@ pub fn vmi_ref(vmi: &ObjKey, uid: &str) -> ObjectReference {
     }
 }
 
+pub fn vm_ref(vm: &ObjKey, uid: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("kubevirt.io/v1".into()),
+        kind: Some("VirtualMachine".into()),
+        namespace: Some(vm.namespace.clone()),
+        name: Some(vm.name.clone()),
+        uid: Some(uid.to_string()),
+        ..Default::default()
+    }
+}
+
 /// What the agent reports to the API server, in the order it decided it.
 #[derive(Debug, Clone)]
 pub enum Report {

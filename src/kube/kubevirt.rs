@@ -2,17 +2,13 @@
 //! from the KubeVirt CR, and a node's VMIs and pods listed once (for `check`, `status` and a dry
 //! run; the drain itself follows them with watches).
 
-use std::time::Duration;
-
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Preconditions};
 use kube::{Api, Client};
 
+use super::{CALL_TIMEOUT, bounded};
 use crate::drain::fate::ClusterStrategy;
 use crate::drain::model::{MigrationJob, ObjKey, VMI_NODE_LABEL};
-
-/// An answer slower than this counts as a failure to retry.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// kubevirt.io/v1 VirtualMachineInstance, read as a dynamic object.
 pub fn vmi_resource() -> ApiResource {
@@ -88,15 +84,6 @@ pub async fn node_pods(client: &Client, node: &str) -> Result<Vec<Pod>, kube::Er
 
 pub async fn node(client: &Client, node: &str) -> Result<Node, kube::Error> {
     Api::<Node>::all(client.clone()).get(node).await
-}
-
-async fn bounded<T>(
-    f: impl std::future::Future<Output = Result<T, kube::Error>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(CALL_TIMEOUT, f).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
-    }
 }
 
 /// Aborts a migration by deleting its VirtualMachineInstanceMigration, as `virtctl

@@ -151,3 +151,16 @@ fn build(mut cfg: Config, read_timeout: Duration) -> Result<Client, ClientError>
         .service(hyper);
     Ok(Client::new(service, cfg.default_namespace))
 }
+
+/// How long one API call may take before the caller gives up on it (and retries, or reports).
+pub(crate) const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// An API call bounded by [`CALL_TIMEOUT`], its error as text.
+pub(crate) async fn bounded<T>(
+    f: impl std::future::Future<Output = Result<T, ::kube::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(CALL_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
+    }
+}

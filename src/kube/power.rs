@@ -14,19 +14,22 @@ use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams,
     PostParams,
 };
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
+use super::{CALL_TIMEOUT, bounded};
 use crate::drain::model::ObjKey;
 use crate::drain::power::{self, NodeView, StopRecord, VmNow};
 
 pub const ANNOUNCE_PREFIX: &str = "shutdown-guard-down-";
 /// Marks the announcements, so they are listed apart from the turns.
 pub const ANNOUNCE_LABEL: &str = "shutdown-guard.kubevirt.io/announces";
+/// virt-handler's mark on a node that can run VMs (`kubevirt.io/schedulable`).
+pub const VIRT_HANDLER_LABEL: &str = "kubevirt.io/schedulable";
 /// On a VM a power event stopped: the record ([`power::encode`]).
 pub const RECORD_ANNOTATION: &str = "shutdown-guard.kubevirt.io/power-event-stopped";
 /// The same VMs, listable by label.
 pub const RECORD_LABEL: &str = "shutdown-guard.kubevirt.io/power-event-stopped";
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// kubevirt.io/v1 VirtualMachine.
 pub fn vm_resource() -> ApiResource {
@@ -36,15 +39,6 @@ pub fn vm_resource() -> ApiResource {
         api_version: "kubevirt.io/v1".into(),
         kind: "VirtualMachine".into(),
         plural: "virtualmachines".into(),
-    }
-}
-
-async fn bounded<T>(
-    f: impl std::future::Future<Output = Result<T, kube::Error>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(CALL_TIMEOUT, f).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
     }
 }
 
@@ -109,24 +103,19 @@ pub async fn withdraw(api: &Api<Lease>, node: &str) -> Result<(), String> {
 
 /// Every node as [`power::judge`] reads it: Ready, schedulable, announced as going down.
 pub async fn node_views(client: &Client, leases: &Api<Lease>) -> Result<Vec<NodeView>, String> {
+    let (nodes, down) = tokio::join!(nodes(client), announced(leases));
+    Ok(with_announced(nodes?, &down?))
+}
+
+/// The Nodes, read from the API server's cache (a list at resourceVersion 0: no etcd read,
+/// which matters when every agent of a cluster asks at once), none yet announced.
+pub async fn nodes(client: &Client) -> Result<Vec<NodeView>, String> {
     let nodes: Api<Node> = Api::all(client.clone());
-    let (all, ours) = (
-        ListParams::default(),
-        ListParams::default().labels(ANNOUNCE_LABEL),
-    );
-    let (nodes, announced) = tokio::join!(bounded(nodes.list(&all)), bounded(leases.list(&ours)));
-    let now = Timestamp::now();
-    let down: Vec<String> = announced?
-        .items
-        .into_iter()
-        .filter(|l| fresh(l.spec.as_ref(), now))
-        .filter_map(|l| l.spec?.holder_identity)
-        .collect();
-    Ok(nodes?
+    Ok(bounded(nodes.list(&ListParams::default().match_any()))
+        .await?
         .items
         .into_iter()
         .filter_map(|n| {
-            let name = n.metadata.name.clone()?;
             Some(NodeView {
                 ready: is_ready(&n),
                 schedulable: !n
@@ -134,11 +123,77 @@ pub async fn node_views(client: &Client, leases: &Api<Lease>) -> Result<Vec<Node
                     .as_ref()
                     .and_then(|s| s.unschedulable)
                     .unwrap_or(false),
-                shutting_down: down.contains(&name),
-                name,
+                shutting_down: false,
+                virt_handler: n
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(VIRT_HANDLER_LABEL))
+                    .map(|v| v == "true"),
+                name: n.metadata.name?,
             })
         })
         .collect())
+}
+
+/// The nodes whose shutdown is announced now (fresh announcements only).
+pub async fn announced(leases: &Api<Lease>) -> Result<Vec<String>, String> {
+    let ours = ListParams::default().labels(ANNOUNCE_LABEL).match_any();
+    Ok(fresh_holders(
+        bounded(leases.list(&ours)).await?.items.iter(),
+    ))
+}
+
+/// The announcements as they change (list, then watch), retried with backoff.
+pub fn announcements(
+    leases: Api<Lease>,
+) -> impl futures::Stream<Item = Result<watcher::Event<Lease>, watcher::Error>> {
+    watcher(leases, watcher::Config::default().labels(ANNOUNCE_LABEL)).default_backoff()
+}
+
+/// Applies one watch event to the announcements by name; answers whether they are complete
+/// (the first list is in).
+pub fn apply_announcement(
+    into: &mut std::collections::BTreeMap<String, Lease>,
+    ev: watcher::Event<Lease>,
+) -> bool {
+    let name = |l: &Lease| l.metadata.name.clone().unwrap_or_default();
+    match ev {
+        watcher::Event::Init => {
+            into.clear();
+            false
+        }
+        watcher::Event::InitApply(l) => {
+            into.insert(name(&l), l);
+            false
+        }
+        watcher::Event::InitDone => true,
+        watcher::Event::Apply(l) => {
+            into.insert(name(&l), l);
+            true
+        }
+        watcher::Event::Delete(l) => {
+            into.remove(&name(&l));
+            true
+        }
+    }
+}
+
+/// The nodes of the announcements that are fresh now.
+pub fn fresh_holders<'a>(leases: impl Iterator<Item = &'a Lease>) -> Vec<String> {
+    let now = Timestamp::now();
+    leases
+        .filter(|l| fresh(l.spec.as_ref(), now))
+        .filter_map(|l| l.spec.as_ref()?.holder_identity.clone())
+        .collect()
+}
+
+/// `nodes` with the announced ones marked as shutting down.
+pub fn with_announced(mut nodes: Vec<NodeView>, down: &[String]) -> Vec<NodeView> {
+    for n in &mut nodes {
+        n.shutting_down = down.contains(&n.name);
+    }
+    nodes
 }
 
 /// The node's `Ready` condition is `True`.
@@ -309,6 +364,7 @@ pub async fn recorded_vms(client: &Client) -> Result<Vec<VmNow>, String> {
                 .find(|(k, _)| *k == key)
                 .map(|(_, p)| p.as_str());
             Some(VmNow {
+                uid: vm.metadata.uid.clone().unwrap_or_default(),
                 generation: vm.metadata.generation.unwrap_or(0),
                 has_vmi: phase.is_some_and(|p| p != "Succeeded" && p != "Failed"),
                 running: phase == Some("Running"),
@@ -362,11 +418,12 @@ pub async fn up_nodes(
 ) -> Result<(std::collections::BTreeSet<String>, bool), String> {
     let views = node_views(client, leases).await?;
     let announced = views.iter().any(|v| v.shutting_down);
+    let marks = power::virt_handler_marks(&views);
     Ok((
         views
-            .into_iter()
-            .filter(|v| v.ready && v.schedulable)
-            .map(|v| v.name)
+            .iter()
+            .filter(|v| v.runs_vms(marks))
+            .map(|v| v.name.clone())
             .collect(),
         announced,
     ))
@@ -408,6 +465,48 @@ mod tests {
         assert!(fresh(Some(&spec), at(1060)));
         assert!(!fresh(Some(&spec), at(1061)));
         assert!(!fresh(None, at(1000)));
+    }
+
+    #[test]
+    fn announcements_count_once_listed_and_follow_the_watch() {
+        let lease = |node: &str, renewed: Timestamp| Lease {
+            metadata: ObjectMeta {
+                name: Some(format!("{ANNOUNCE_PREFIX}{node}")),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(node.into()),
+                lease_duration_seconds: Some(60),
+                renew_time: Some(MicroTime(renewed)),
+                ..LeaseSpec::default()
+            }),
+        };
+        let now = Timestamp::now();
+        let mut seen = std::collections::BTreeMap::new();
+        assert!(!apply_announcement(&mut seen, watcher::Event::Init));
+        assert!(!apply_announcement(
+            &mut seen,
+            watcher::Event::InitApply(lease("node-2", now))
+        ));
+        // Left behind by a node that went down long ago: not fresh.
+        assert!(!apply_announcement(
+            &mut seen,
+            watcher::Event::InitApply(lease("node-4", at(1000)))
+        ));
+        assert!(apply_announcement(&mut seen, watcher::Event::InitDone));
+        assert!(apply_announcement(
+            &mut seen,
+            watcher::Event::Apply(lease("node-3", now))
+        ));
+        assert_eq!(fresh_holders(seen.values()), ["node-2", "node-3"]);
+        assert!(apply_announcement(
+            &mut seen,
+            watcher::Event::Delete(lease("node-2", now))
+        ));
+        assert_eq!(fresh_holders(seen.values()), ["node-3"]);
+        // A relist starts over.
+        assert!(!apply_announcement(&mut seen, watcher::Event::Init));
+        assert!(seen.is_empty());
     }
 
     #[test]
