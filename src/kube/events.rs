@@ -74,22 +74,19 @@ impl NodeEvents {
 }
 
 pub fn vmi_ref(vmi: &ObjKey, uid: &str) -> ObjectReference {
-    ObjectReference {
-        api_version: Some("kubevirt.io/v1".into()),
-        kind: Some("VirtualMachineInstance".into()),
-        namespace: Some(vmi.namespace.clone()),
-        name: Some(vmi.name.clone()),
-        uid: Some(uid.to_string()),
-        ..Default::default()
-    }
+    kubevirt_ref("VirtualMachineInstance", vmi, uid)
 }
 
 pub fn vm_ref(vm: &ObjKey, uid: &str) -> ObjectReference {
+    kubevirt_ref("VirtualMachine", vm, uid)
+}
+
+fn kubevirt_ref(kind: &str, key: &ObjKey, uid: &str) -> ObjectReference {
     ObjectReference {
         api_version: Some("kubevirt.io/v1".into()),
-        kind: Some("VirtualMachine".into()),
-        namespace: Some(vm.namespace.clone()),
-        name: Some(vm.name.clone()),
+        kind: Some(kind.into()),
+        namespace: Some(key.namespace.clone()),
+        name: Some(key.name.clone()),
         uid: Some(uid.to_string()),
         ..Default::default()
     }
