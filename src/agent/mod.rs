@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
-use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tracing::{error, info, warn};
@@ -244,11 +243,7 @@ pub async fn run(settings: Settings, handover: Handover) -> Result<Exit, RunErro
         reporter,
     )
     .with_idle_watches(clients.idle_watches);
-    let namespace = match settings.lease_namespace.as_str() {
-        "" => client.default_namespace().to_owned(),
-        ns => ns.to_owned(),
-    };
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+    let leases = crate::kube::leases(&client, &settings.lease_namespace);
     if settings.pre_drain_turns > 0 {
         driver = driver.with_turns(Arc::new(turns::LeaseTurns::new(
             crate::kube::turns::Turns::new(leases.clone(), &node, settings.pre_drain_turns),

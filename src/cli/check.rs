@@ -1017,11 +1017,7 @@ pub async fn run(settings: &Settings, strict: bool) -> Result<CheckReport, Check
 }
 
 async fn power_events(settings: &Settings, client: &Client, node: &str) -> Check {
-    let namespace = match settings.lease_namespace.as_str() {
-        "" => client.default_namespace().to_owned(),
-        ns => ns.to_owned(),
-    };
-    let leases = Api::namespaced(client.clone(), &namespace);
+    let leases = crate::kube::leases(client, &settings.lease_namespace);
     let (nodes, recorded) = tokio::join!(
         crate::kube::power::node_views(client, &leases),
         crate::kube::power::recorded_vms(client)

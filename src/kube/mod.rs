@@ -20,9 +20,10 @@ use std::time::Duration;
 
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::client::ConfigExt;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
+use kube::{Api, Client, Config};
 use tower::ServiceBuilder;
 
 /// A connection to the API server is given this long to open.
@@ -163,4 +164,14 @@ pub(crate) async fn bounded<T>(
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
     }
+}
+
+/// The Leases of the turns and of power events: in `setting` (`lease_namespace`), else in the
+/// client's namespace (in a pod, the ServiceAccount's).
+pub fn leases(client: &Client, setting: &str) -> Api<Lease> {
+    let namespace = match setting {
+        "" => client.default_namespace(),
+        ns => ns,
+    };
+    Api::namespaced(client.clone(), namespace)
 }
